@@ -84,3 +84,52 @@ def random_batches(model: nn.Module, n: int = 4, batch_size: int = 4, seq_len: i
             batch["labels"] = ids.clone()
         out.append(batch)
     return out
+
+
+def synthetic_report(shapes: dict[str, tuple[int, int]], seed: int = 0,
+                     groups: dict[str, int] | None = None, metric: str = "random",
+                     model_parameters: int | None = None,
+                     model_class: str = "SyntheticModel") -> "ImportanceReport":
+    """An ImportanceReport with random positive scores for the given ``{name: (d_out, d_in)}``
+    shapes (rows and input columns), built without any model; for selection tests/benches.
+
+    Usage: ``report = synthetic_report({"layers.0.q_proj": (64, 32)}, seed=1)``
+    """
+    from .scoring.report import ImportanceReport
+
+    shapes = {k: (int(v[0]), int(v[1])) for k, v in shapes.items()}
+    g = torch.Generator().manual_seed(seed)
+    n_rows = [s[0] for s in shapes.values()]
+    n_cols = [s[1] for s in shapes.values()]
+    # One draw for all modules, then views: fast for millions of rows. Values in (0, 1].
+    rows = (1.0 - torch.rand(sum(n_rows), generator=g)).split(n_rows)
+    cols = (1.0 - torch.rand(sum(n_cols), generator=g)).split(n_cols)
+    if model_parameters is None:
+        model_parameters = sum(o * i for o, i in shapes.values())
+    return ImportanceReport(
+        scores=dict(zip(shapes, rows)), shapes=shapes, metric=metric,
+        column_scores=dict(zip(shapes, cols)), groups=dict(groups or {}),
+        meta={"metric": metric, "n_samples": 0, "n_tokens": 0, "seconds": 0.0,
+              "model_class": model_class, "model_hash": f"synthetic-{seed}",
+              "model_parameters": int(model_parameters), "seed": seed,
+              "targets": list(shapes)})
+
+
+def llama2_7b_report(seed: int = 0) -> "ImportanceReport":
+    """Random-score ImportanceReport with Llama-2-7B shapes: 32 layers of q/k/v/o (4096 x 4096),
+    gate/up (11008 x 4096), down (4096 x 11008); groups of 128 rows (heads) for q/k/v.
+
+    Usage: ``report = llama2_7b_report()``  # ~1.4 M rows, builds in well under a second
+    """
+    shapes: dict[str, tuple[int, int]] = {}
+    groups: dict[str, int] = {}
+    for i in range(32):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"model.layers.{i}.self_attn.{p}"] = (4096, 4096)
+        for p in ("q_proj", "k_proj", "v_proj"):
+            groups[f"model.layers.{i}.self_attn.{p}"] = 128
+        shapes[f"model.layers.{i}.mlp.gate_proj"] = (11008, 4096)
+        shapes[f"model.layers.{i}.mlp.up_proj"] = (11008, 4096)
+        shapes[f"model.layers.{i}.mlp.down_proj"] = (4096, 11008)
+    return synthetic_report(shapes, seed=seed, groups=groups, model_parameters=6_738_415_616,
+                            model_class="LlamaForCausalLM")
