@@ -1,0 +1,21 @@
+"""Row-sparse adapter: RowSparseLinear layers, inject / merge / unload, save / load.
+
+Usage::
+
+    from rowsft_nb.adapter import inject, merge_and_unload, save_adapter, load_adapter
+    inject(model, plan)
+    save_adapter(model, "out/adapter")
+    model = load_adapter(base_model, "out/adapter")
+"""
+from .layer import RowSparseLinear
+from .model import (adapted_modules, adapter_state, inject, merge, merge_and_unload,
+                    trainable_parameters, unload, unmerge)
+
+__all__ = ["RowSparseLinear", "inject", "adapted_modules", "adapter_state",
+           "trainable_parameters", "merge", "unmerge", "merge_and_unload", "unload",
+           "save_adapter", "load_adapter"]
+
+try:
+    from .io import load_adapter, save_adapter
+except ImportError:  # pragma: no cover - io lands right after the layer
+    pass

@@ -1,0 +1,304 @@
+"""RowSparseLinear: a frozen Linear/Conv1D plus trainable deltas for a few rows (and columns).
+
+    y = base(x) + scatter_rows(idx, dW x + db) + dC x[..., cols]
+
+``dW`` is [r, d_in] (one row per selected output neuron), ``dC`` is [d_out, c] (one column
+per selected input feature). Both start at zero, so the wrapped layer equals its base
+exactly until a step is taken. No dense W0 + dW and no one-hot [r, d_out] matrix is ever
+built: the row delta's output is added into the selected output channels with
+``index_add``, and the custom autograd functions below save only the layer input (in its
+own dtype) that the delta's gradient needs, and gather only the selected columns of the
+output gradient in backward.
+
+Usage::
+
+    layer = RowSparseLinear(nn.Linear(64, 32), rows=[3, 7, 11])
+    layer.delta.shape            # (3, 64), zeros, trainable
+    layer(x)                     # == base(x) at init
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..targets import is_conv1d, is_linear_like, linear_shape, row_weight
+
+__all__ = ["RowSparseLinear", "row_delta", "column_delta", "resolve_delta_dtype"]
+
+
+def resolve_delta_dtype(base_dtype: torch.dtype, delta_dtype: torch.dtype | None) -> torch.dtype:
+    """Delta dtype: as asked, else float32 for half-precision bases (as PEFT does for
+    adapter weights: bf16/fp16 optimizer updates on tiny deltas round away), else the base's."""
+    if delta_dtype is not None:
+        if not delta_dtype.is_floating_point:
+            raise ValueError(f"delta_dtype must be a floating dtype, got {delta_dtype}")
+        return delta_dtype
+    if base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype if base_dtype.is_floating_point else torch.float32
+
+
+def _compute_dtype(x: torch.Tensor, delta: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else the delta's dtype."""
+    kind = x.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (RuntimeError, ValueError):  # device types without autocast support
+        pass
+    return delta.dtype
+
+
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    kind = x.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.autocast(kind, enabled=False)
+    except (RuntimeError, ValueError):
+        pass
+    return contextlib.nullcontext()
+
+
+class _RowDelta(torch.autograd.Function):
+    """out = y.index_add(-1, rows, x @ dW^T + db).
+
+    Saves x (its own dtype: no upcast copy), dW and the index. Backward gathers g[..., rows]
+    once: grad_dW = g_sel^T x, grad_db = sum g_sel, grad_x = g_sel @ dW, grad_y = g.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+                bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        compute = _compute_dtype(x, delta)
+        with _no_autocast(x):
+            d = torch.nn.functional.linear(
+                x.to(compute), delta.to(compute), None if bias is None else bias.to(compute))
+            out = y.index_add(-1, rows, d.to(y.dtype))
+        ctx.save_for_backward(x, delta, rows)
+        ctx.compute = compute
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        x, delta, rows = ctx.saved_tensors
+        c = ctx.compute
+        r, d_in = delta.shape
+        g_sel = g.index_select(-1, rows).to(c)  # [..., r]: only the selected channels
+        grad_x = grad_delta = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_x = (g_sel @ delta.to(c)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_delta = (g_sel.reshape(-1, r).t() @ x.reshape(-1, d_in).to(c)).to(delta.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = g_sel.reshape(-1, r).sum(0).to(delta.dtype)
+        grad_y = g if ctx.needs_input_grad[0] else None
+        return grad_y, grad_x, grad_delta, grad_bias, None
+
+
+class _ColumnDelta(torch.autograd.Function):
+    """out = y + x[..., cols] @ dC^T.
+
+    Saves only the gathered columns x[..., cols] (c of d_in features, own dtype), dC and
+    the index. grad_dC = g^T x_cols; grad_x is g @ dC scattered into the selected columns.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+                cols: torch.Tensor) -> torch.Tensor:
+        compute = _compute_dtype(x, delta)
+        xs = x.index_select(-1, cols)
+        with _no_autocast(x):
+            d = torch.nn.functional.linear(xs.to(compute), delta.to(compute))
+            out = y + d.to(y.dtype)
+        ctx.save_for_backward(xs, delta, cols)
+        ctx.compute = compute
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        xs, delta, cols = ctx.saved_tensors
+        c = ctx.compute
+        d_out, n_cols = delta.shape
+        gc = g.to(c)
+        grad_x = grad_delta = None
+        if ctx.needs_input_grad[1]:
+            part = (gc @ delta.to(c)).to(ctx.x_dtype)  # [..., c]
+            grad_x = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=g.device)
+            grad_x.index_add_(-1, cols, part)
+        if ctx.needs_input_grad[2]:
+            grad_delta = (gc.reshape(-1, d_out).t() @ xs.reshape(-1, n_cols).to(c)).to(delta.dtype)
+        grad_y = g if ctx.needs_input_grad[0] else None
+        return grad_y, grad_x, grad_delta, None
+
+
+def row_delta(y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+              bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``y`` with ``x @ delta^T (+ bias)`` added into channels ``rows`` of its last dim.
+
+    >>> out = row_delta(base(x), x, delta, None, rows)
+    """
+    return _RowDelta.apply(y, x, delta, bias, rows)
+
+
+def column_delta(y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """``y + x[..., cols] @ delta^T`` (delta: [d_out, c]).
+
+    >>> out = column_delta(base(x), x, col_delta, cols)
+    """
+    return _ColumnDelta.apply(y, x, delta, cols)
+
+
+def _index(values: Sequence[int] | torch.Tensor | None, size: int, what: str,
+           device: torch.device) -> torch.Tensor:
+    if values is None:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    t = torch.as_tensor(values, dtype=torch.int64).flatten().cpu()
+    t = torch.unique(t, sorted=True)
+    if t.numel() and (int(t[0]) < 0 or int(t[-1]) >= size):
+        raise ValueError(f"RowSparseLinear: {what} index out of range [0, {size - 1}]: "
+                         f"got [{int(t[0])}, {int(t[-1])}]")
+    return t.to(device)
+
+
+class RowSparseLinear(nn.Module):
+    """A frozen ``nn.Linear``/GPT-2 ``Conv1D`` (``.base_layer``) plus zero-initialised
+    trainable deltas on selected output rows (``.delta`` [r, d_in], ``.delta_bias`` [r])
+    and/or selected input columns (``.column_delta`` [d_out, c]).
+
+    >>> layer = RowSparseLinear(nn.Linear(64, 32), rows=[0, 5], bias=True, dropout=0.1)
+    """
+
+    def __init__(self, base_layer: nn.Module, rows: Sequence[int] | torch.Tensor | None = None,
+                 columns: Sequence[int] | torch.Tensor | None = None, *, bias: bool = False,
+                 dropout: float = 0.0, delta_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(base_layer, RowSparseLinear):
+            raise ValueError("RowSparseLinear: the layer already has a row-sparse adapter")
+        if not is_linear_like(base_layer):
+            raise TypeError(f"RowSparseLinear wraps nn.Linear or transformers Conv1D, "
+                            f"not {type(base_layer).__name__}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        d_out, d_in = linear_shape(base_layer)
+        weight = base_layer.weight
+        device = weight.device
+        dtype = resolve_delta_dtype(weight.dtype, delta_dtype)
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = d_in, d_out
+        self.is_conv1d = is_conv1d(base_layer)
+        self.register_buffer("rows", _index(rows, d_out, "row", device), persistent=False)
+        self.register_buffer("columns", _index(columns, d_in, "column", device), persistent=False)
+        r, c = self.rows.numel(), self.columns.numel()
+        if r == 0 and c == 0:
+            raise ValueError("RowSparseLinear: no rows and no columns selected; "
+                             "select at least one row or column for this layer")
+        self.delta = nn.Parameter(torch.zeros(r, d_in, dtype=dtype, device=device)) if r else None
+        self.delta_bias = (nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
+                           if (bias and r) else None)
+        self.column_delta = (nn.Parameter(torch.zeros(d_out, c, dtype=dtype, device=device))
+                             if c else None)
+        self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._merge_backup: dict[str, torch.Tensor] | None = None
+        self._created_bias = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return y
+        h = self.dropout(x)
+        if self.delta is not None:
+            y = _RowDelta.apply(y, h, self.delta, self.delta_bias, self.rows)
+        if self.column_delta is not None:
+            y = _ColumnDelta.apply(y, h, self.column_delta, self.columns)
+        return y
+
+    # ------------------------------------------------------------------ merge
+    def delta_parameters(self) -> dict[str, torch.Tensor]:
+        """The trainable deltas present: ``delta``, ``delta_bias``, ``column_delta``."""
+        out = {}
+        for k in ("delta", "delta_bias", "column_delta"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def check_finite(self, name: str = "") -> None:
+        """Raise ``ValueError`` naming the module if any delta holds NaN or inf."""
+        for k, v in self.delta_parameters().items():
+            if not bool(torch.isfinite(v).all()):
+                bad = int((~torch.isfinite(v)).sum())
+                raise ValueError(f"refusing to merge: {name or 'layer'}.{k} has {bad} NaN/inf "
+                                 "values (training diverged?). Load a good checkpoint or "
+                                 "lower the learning rate.")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the deltas into the base weights in place (W0[rows] += dW, W0[:, cols] += dC,
+        b0[rows] += db), keeping a copy of the touched entries so :meth:`unmerge` restores
+        them bit-exactly. The forward pass then skips the delta path."""
+        if self.merged:
+            return
+        self.check_finite()
+        base = self.base_layer
+        w = row_weight(base)  # [d_out, d_in] view of the stored weight
+        backup: dict[str, torch.Tensor] = {}
+        if self.delta is not None:
+            old = w.index_select(0, self.rows)
+            backup["rows"] = old.clone()
+            w.index_copy_(0, self.rows, (old.to(self.delta.dtype) + self.delta).to(w.dtype))
+        if self.delta_bias is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype,
+                                                     device=w.device), requires_grad=False)
+                self._created_bias = True
+            old_b = base.bias.index_select(0, self.rows)
+            backup["bias"] = old_b.clone()
+            base.bias.index_copy_(0, self.rows,
+                                  (old_b.to(self.delta_bias.dtype) + self.delta_bias)
+                                  .to(base.bias.dtype))
+        if self.column_delta is not None:
+            old_c = w.index_select(1, self.columns)
+            backup["columns"] = old_c.clone()
+            w.index_copy_(1, self.columns,
+                          (old_c.to(self.column_delta.dtype) + self.column_delta).to(w.dtype))
+        self._merge_backup = backup
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: restore the base entries bit-exactly, re-enable the deltas."""
+        if not self.merged:
+            return
+        base, backup = self.base_layer, self._merge_backup or {}
+        w = row_weight(base)
+        # reverse order of merge so overlapping row/column entries end up original
+        if "columns" in backup:
+            w.index_copy_(1, self.columns, backup["columns"])
+        if "bias" in backup:
+            if self._created_bias:
+                base.bias = None
+                self._created_bias = False
+            else:
+                base.bias.index_copy_(0, self.rows, backup["bias"])
+        if "rows" in backup:
+            w.index_copy_(0, self.rows, backup["rows"])
+        self._merge_backup = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.is_conv1d else "Linear"
+        dtype = next(iter(self.delta_parameters().values())).dtype
+        return (f"{kind}(d_out={self.out_features}, d_in={self.in_features}), "
+                f"rows={self.rows.numel()}, columns={self.columns.numel()}, "
+                f"bias={self.delta_bias is not None}, delta_dtype={dtype}, merged={self.merged}")
