@@ -7,15 +7,11 @@ Usage::
     save_adapter(model, "out/adapter")
     model = load_adapter(base_model, "out/adapter")
 """
+from .io import load_adapter, read_adapter_config, save_adapter
 from .layer import RowSparseLinear
 from .model import (adapted_modules, adapter_state, inject, merge, merge_and_unload,
                     trainable_parameters, unload, unmerge)
 
 __all__ = ["RowSparseLinear", "inject", "adapted_modules", "adapter_state",
            "trainable_parameters", "merge", "unmerge", "merge_and_unload", "unload",
-           "save_adapter", "load_adapter"]
-
-try:
-    from .io import load_adapter, save_adapter
-except ImportError:  # pragma: no cover - io lands right after the layer
-    pass
+           "save_adapter", "load_adapter", "read_adapter_config"]
