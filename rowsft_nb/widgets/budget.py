@@ -1,0 +1,444 @@
+"""Budget explorer: choose how many rows to train (globally, per module type, by strategy)
+and see at once what it costs: trainable parameters, equivalent LoRA rank, estimated
+training memory next to LoRA and full fine-tuning, importance covered per layer.
+
+:class:`BudgetState` holds all logic and always has a valid ``plan``; a refused setting
+raises ``ValueError`` and leaves the state unchanged. :class:`BudgetExplorer` is the view.
+
+Usage::
+
+    from rowsft_nb.widgets import BudgetExplorer
+    explorer = BudgetExplorer(report)      # move the sliders ...
+    plan = explorer.plan                   # ... and take the current RowPlan
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..plan import RowPlan
+from ..scoring.report import ImportanceReport
+from ..targets import module_type
+from ._common import (apply_or_message, human_bytes, human_count, layer_key, layer_label,
+                      types_in_order)
+
+STRATEGIES = ("uniform", "per-type", "topk", "coverage")
+UNITS = ("rows", "params")
+UNIT_LABELS = {"rows": "% of rows", "params": "% of target params"}
+NORMALIZERS = ("rank", "mean", "max", "sum")
+# Which budget units each strategy understands.
+STRATEGY_UNITS = {"uniform": ("rows", "params"), "per-type": ("rows",),
+                  "topk": ("params",), "coverage": ("params",)}
+STRATEGY_HELP = {
+    "uniform": "the same share of rows in every module",
+    "per-type": "a share of rows per module type (type sliders)",
+    "topk": "the globally most important rows until the parameter budget is spent",
+    "coverage": "rows per module so that each covers the most importance for the budget",
+}
+METHOD_LABELS = {"rowsft": "row-sparse (this plan)", "lora": "LoRA (same params)",
+                 "full": "full fine-tune"}
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Every control of the budget explorer; hashable so plans can be cached."""
+
+    percent: float = 5.0
+    unit: str = "rows"
+    strategy: str = "uniform"
+    normalizer: str = "rank"
+    type_percent: tuple[tuple[str, float], ...] = ()
+    min_rows: int = 0
+    max_rows: int | None = None
+    head_aligned: bool = False
+    batch_size: int = 8
+    seq_len: int = 512
+
+
+@dataclass
+class BudgetReadout:
+    """What the explorer shows for one setting."""
+
+    plan: RowPlan
+    trainable: int
+    percent_of_model: float
+    rows: int
+    percent_of_rows: float
+    lora_rank: float
+    memory: dict[str, dict[str, int]]           # method -> component -> bytes
+    coverage: dict[int, float]                  # layer key -> share of importance selected
+    coverage_total: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class BudgetState:
+    """All budget logic; ``state.plan`` is always the plan of the current settings.
+
+    Usage::
+
+        state = BudgetState(report)
+        state.set_percent(10)                      # 10% of rows in every module
+        state.set_strategy("per-type"); state.set_type_percent("mlp.up_proj", 20)
+        state.readout.trainable, state.readout.lora_rank
+        state.export("plan.json")
+    """
+
+    def __init__(self, report: ImportanceReport, percent: float = 5.0, batch_size: int = 8,
+                 seq_len: int = 512, dtype: torch.dtype = torch.float32,
+                 cache_size: int = 64) -> None:
+        if not isinstance(report, ImportanceReport):
+            raise ValueError(f"BudgetState needs an ImportanceReport, got {type(report).__name__}")
+        self.report = report
+        self.dtype = dtype
+        self.types = types_in_order(report.modules)
+        self.layers = sorted({layer_key(n) for n in report.modules})
+        self.total_rows = report.total_rows()
+        self.target_params = sum(o * i for o, i in report.shapes.values())
+        self.model_params = int(report.meta.get("model_parameters") or self.target_params)
+        # Per-module non-negative score mass, mean-normalized so every row weighs 1 on
+        # average: a layer's importance is comparable across module types.
+        self._mass = {n: _mean_normalized(s) for n, s in report.scores.items()}
+        self._layer_of = {n: layer_key(n) for n in report.modules}
+        self._layer_total: dict[int, float] = {}
+        for n, m in self._mass.items():
+            self._layer_total[self._layer_of[n]] = self._layer_total.get(self._layer_of[n], 0.0) \
+                + float(m.sum())
+        self._cache: OrderedDict[BudgetSettings, BudgetReadout] = OrderedDict()
+        self._cache_size = cache_size
+        start = BudgetSettings(percent=float(percent), batch_size=batch_size, seq_len=seq_len,
+                               type_percent=tuple((t, float(percent)) for t in self.types))
+        self.settings = start
+        self.readout = self._compute(start)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def plan(self) -> RowPlan:
+        return self.readout.plan
+
+    @property
+    def message(self) -> str:
+        """One line describing the current strategy."""
+        s = self.settings
+        return f"{s.strategy}: {STRATEGY_HELP[s.strategy]}"
+
+    def type_percent(self, module_type_name: str) -> float:
+        return dict(self.settings.type_percent)[module_type_name]
+
+    # ------------------------------------------------------------------ controls
+    def set_percent(self, percent: float) -> None:
+        """Global budget in the current unit. Under ``per-type`` it sets every type."""
+        percent = float(percent)
+        if not 0.0 < percent <= 100.0:
+            raise ValueError(f"Budget must be in (0, 100] percent, got {percent}")
+        changes: dict[str, Any] = {"percent": percent}
+        if self.settings.strategy == "per-type":
+            changes["type_percent"] = tuple((t, percent) for t in self.types)
+        self._apply(**changes)
+
+    def set_unit(self, unit: str) -> None:
+        """``rows``: percent of the targets' rows; ``params``: percent of their parameters."""
+        if unit not in UNITS:
+            raise ValueError(f"Unknown unit {unit!r}; choose one of {UNITS}")
+        allowed = STRATEGY_UNITS[self.settings.strategy]
+        if unit not in allowed:
+            raise ValueError(f"Strategy {self.settings.strategy!r} takes a budget in "
+                             f"{' or '.join(UNIT_LABELS[u] for u in allowed)}; pick another "
+                             "strategy first")
+        self._apply(unit=unit)
+
+    def set_strategy(self, strategy: str) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+        allowed = STRATEGY_UNITS[strategy]
+        if self.settings.unit not in allowed:
+            raise ValueError(f"Strategy {strategy!r} spends a budget in "
+                             f"{' or '.join(UNIT_LABELS[u] for u in allowed)}, but the unit is "
+                             f"{UNIT_LABELS[self.settings.unit]}: switch the unit first")
+        self._apply(strategy=strategy)
+
+    def set_normalizer(self, normalizer: str) -> None:
+        """How ``topk``/``coverage`` make scores comparable across modules."""
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"Unknown normalizer {normalizer!r}; choose one of {NORMALIZERS}")
+        self._apply(normalizer=normalizer)
+
+    def set_type_percent(self, module_type_name: str, percent: float) -> None:
+        """Share of rows for one module type (used by the ``per-type`` strategy)."""
+        if module_type_name not in self.types:
+            raise ValueError(f"Unknown module type {module_type_name!r}; "
+                             f"available: {self.types}")
+        percent = float(percent)
+        if not 0.0 <= percent <= 100.0:
+            raise ValueError(f"Type budget must be in [0, 100] percent, got {percent}")
+        if self.settings.strategy != "per-type":
+            raise ValueError("Per-type budgets apply to the 'per-type' strategy; "
+                             "select it first")
+        tp = tuple((t, percent if t == module_type_name else p)
+                   for t, p in self.settings.type_percent)
+        if all(p == 0.0 for _, p in tp):
+            raise ValueError("Every module type is at 0%: the plan would train nothing. "
+                             "Give at least one type some rows")
+        self._apply(type_percent=tp)
+
+    def set_min_rows(self, min_rows: int) -> None:
+        min_rows = int(min_rows)
+        if min_rows < 0:
+            raise ValueError(f"min rows must be >= 0, got {min_rows}")
+        mx = self.settings.max_rows
+        if mx is not None and min_rows > mx:
+            raise ValueError(f"min rows ({min_rows}) is above max rows ({mx}); lower it or "
+                             "raise max rows first")
+        smallest = min(o for o, _ in self.report.shapes.values())
+        if min_rows > smallest:
+            raise ValueError(f"min rows ({min_rows}) exceeds the smallest module "
+                             f"({smallest} rows)")
+        self._apply(min_rows=min_rows)
+
+    def set_max_rows(self, max_rows: int | None) -> None:
+        """Cap on rows per module; ``None`` or 0 removes the cap."""
+        max_rows = None if not max_rows else int(max_rows)
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max rows must be >= 1 (or 0 for no cap), got {max_rows}")
+        if max_rows is not None and max_rows < self.settings.min_rows:
+            raise ValueError(f"max rows ({max_rows}) is below min rows "
+                             f"({self.settings.min_rows}); lower min rows first")
+        self._apply(max_rows=max_rows)
+
+    def set_head_aligned(self, on: bool) -> None:
+        """Select whole attention heads (report.groups) instead of single rows."""
+        if on and not self.report.groups:
+            raise ValueError("This report has no head groups (report.groups is empty), so "
+                             "rows cannot be head-aligned; score with groups or leave it off")
+        self._apply(head_aligned=bool(on))
+
+    def set_memory_shape(self, batch_size: int, seq_len: int) -> None:
+        """Batch size and sequence length the memory estimate assumes."""
+        if int(batch_size) < 1 or int(seq_len) < 1:
+            raise ValueError(f"batch size and sequence length must be >= 1, got "
+                             f"{batch_size} x {seq_len}")
+        self._apply(batch_size=int(batch_size), seq_len=int(seq_len))
+
+    def export(self, path: str) -> str:
+        """Write the current plan as JSON (``RowPlan.save``); returns the path."""
+        if not str(path).strip():
+            raise ValueError("Give a file name for the plan, e.g. plan.json")
+        self.plan.save(path)
+        return str(path)
+
+    # ------------------------------------------------------------------ computing
+    def _apply(self, **changes: Any) -> None:
+        settings = dataclasses.replace(self.settings, **changes)
+        readout = self._compute(settings)   # raises before anything changes
+        self.settings, self.readout = settings, readout
+
+    def budget(self, settings: BudgetSettings | None = None):
+        """The ``rowsft_nb.selection`` budget object for ``settings`` (default: current)."""
+        from .. import selection
+
+        s = settings or self.settings
+        frac = s.percent / 100.0
+        if s.strategy == "uniform":
+            return selection.Ratio(frac)
+        if s.strategy == "per-type":
+            return selection.TypeRatios({t: p / 100.0 for t, p in s.type_percent}, default=0.0)
+        return selection.ParamBudget(frac, allocator=s.strategy, normalizer=s.normalizer)
+
+    def _compute(self, s: BudgetSettings) -> BudgetReadout:
+        if s in self._cache:
+            self._cache.move_to_end(s)
+            return self._cache[s]
+        from ..selection import select
+
+        try:
+            plan = select(self.report, self.budget(s), min_rows=s.min_rows,
+                          max_rows=s.max_rows, head_aligned=s.head_aligned)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"This budget cannot be selected: {err}") from err
+        if plan.is_empty():
+            raise ValueError("This budget selects no rows at all; raise the budget or "
+                             "min rows")
+        est = plan.memory_estimate(s.batch_size, s.seq_len, dtype=self.dtype)
+        memory = {m: {c: int(b) for c, b in comps.items()} for m, comps in est.methods.items()}
+        covered: dict[int, float] = {k: 0.0 for k in self._layer_total}
+        for name, idx in plan.rows.items():
+            if idx.numel() and name in self._mass:
+                covered[self._layer_of[name]] += float(self._mass[name][idx.numpy()].sum())
+        coverage = {k: (covered[k] / t if t > 0 else 0.0) for k, t in self._layer_total.items()}
+        total_mass = sum(self._layer_total.values())
+        trainable = plan.trainable_parameters()
+        rows = plan.num_rows()
+        readout = BudgetReadout(
+            plan=plan, trainable=trainable, percent_of_model=100.0 * trainable / self.model_params,
+            rows=rows, percent_of_rows=100.0 * rows / self.total_rows,
+            lora_rank=float(plan.equivalent_lora_rank()), memory=memory, coverage=coverage,
+            coverage_total=(sum(covered.values()) / total_mass if total_mass > 0 else 0.0))
+        self._cache[s] = readout
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return readout
+
+    def summary_text(self) -> str:
+        """The live readout as one line of text."""
+        r = self.readout
+        return (f"trainable {human_count(r.trainable)} params ({r.trainable:,}; "
+                f"{r.percent_of_model:.3g}% of the model) · {r.rows:,} rows "
+                f"({r.percent_of_rows:.3g}%) · equivalent LoRA rank {r.lora_rank:.1f} · "
+                f"importance covered {100 * r.coverage_total:.1f}%")
+
+
+def _mean_normalized(s: torch.Tensor) -> np.ndarray:
+    m = np.clip(s.numpy().astype(np.float64), 0, None)
+    mean = m.mean() if m.size else 0.0
+    return m / mean if mean > 0 else np.zeros_like(m)
+
+
+class BudgetExplorer:
+    """Sliders and live readouts over :class:`BudgetState`; ``explorer.plan`` is the
+    current RowPlan.
+
+    Usage: ``explorer = BudgetExplorer(report)`` as the last line of a cell.
+    """
+
+    def __init__(self, report: ImportanceReport, percent: float = 5.0, batch_size: int = 8,
+                 seq_len: int = 512, dtype: torch.dtype = torch.float32,
+                 plan_path: str = "plan.json") -> None:
+        import ipywidgets as W
+        import plotly.graph_objects as go
+
+        self.state = BudgetState(report, percent=percent, batch_size=batch_size,
+                                 seq_len=seq_len, dtype=dtype)
+        st = self.state
+        s = st.settings
+        wide = {"description_width": "110px"}
+        self.percent = W.FloatSlider(value=s.percent, min=0.1, max=100.0, step=0.1,
+                                     description="budget %", continuous_update=True, style=wide,
+                                     readout_format=".1f", layout=W.Layout(width="420px"))
+        self.unit = W.ToggleButtons(options=[(UNIT_LABELS[u], u) for u in UNITS], value=s.unit,
+                                    description="unit", style={**wide, "button_width": "140px"})
+        self.strategy = W.Dropdown(options=list(STRATEGIES), value=s.strategy,
+                                   description="strategy", style=wide)
+        self.normalizer = W.Dropdown(options=list(NORMALIZERS), value=s.normalizer,
+                                     description="normalizer", style=wide)
+        self.min_rows = W.BoundedIntText(value=s.min_rows, min=0, max=10**9,
+                                         description="min rows", style=wide,
+                                         layout=W.Layout(width="220px"))
+        self.max_rows = W.BoundedIntText(value=0, min=0, max=10**9, description="max rows (0=∞)",
+                                         style=wide, layout=W.Layout(width="220px"))
+        self.head_aligned = W.Checkbox(value=False, description="whole heads", indent=False,
+                                       disabled=not report.groups)
+        self.batch_size = W.BoundedIntText(value=s.batch_size, min=1, max=10**6,
+                                           description="batch", style=wide,
+                                           layout=W.Layout(width="200px"))
+        self.seq_len = W.BoundedIntText(value=s.seq_len, min=1, max=10**7, description="seq len",
+                                        style=wide, layout=W.Layout(width="200px"))
+        self.type_sliders = {t: W.FloatSlider(value=st.type_percent(t), min=0.0, max=100.0,
+                                              step=0.5, description=t, readout_format=".1f",
+                                              continuous_update=True,
+                                              style={"description_width": "170px"},
+                                              layout=W.Layout(width="440px"))
+                             for t in st.types}
+        self.readout = W.HTML().add_class("rowsft-budget-readout")
+        self.trainable = W.Label().add_class("rowsft-trainable")
+        self.message = W.HTML()
+        self.path = W.Text(value=plan_path, description="plan file", style=wide)
+        self.export_button = W.Button(description="Export plan JSON", icon="download")
+        self.export_button.on_click(lambda _b: self.export())
+
+        methods = list(st.readout.memory)
+        components = list(next(iter(st.readout.memory.values())))
+        self.memory = go.FigureWidget(
+            data=[go.Bar(name=c, x=[METHOD_LABELS.get(m, m) for m in methods]) for c in components],
+            layout=dict(barmode="stack", height=300, margin=dict(l=60, r=10, t=30, b=40),
+                        title="estimated training memory", yaxis_title="GiB"))
+        self.coverage = go.FigureWidget(
+            data=[go.Bar(x=[layer_label(k) for k in st.layers], marker_color="seagreen")],
+            layout=dict(height=300, margin=dict(l=50, r=10, t=30, b=60),
+                        title="importance covered per layer", yaxis=dict(title="%", range=[0, 100])))
+        self._methods, self._components = methods, components
+
+        st_set = {self.percent: st.set_percent, self.unit: st.set_unit,
+                  self.strategy: st.set_strategy, self.normalizer: st.set_normalizer,
+                  self.min_rows: st.set_min_rows, self.max_rows: st.set_max_rows,
+                  self.head_aligned: st.set_head_aligned,
+                  self.batch_size: lambda v: st.set_memory_shape(v, st.settings.seq_len),
+                  self.seq_len: lambda v: st.set_memory_shape(st.settings.batch_size, v)}
+        for w, setter in st_set.items():
+            self._bind(w, setter)
+        for t, w in self.type_sliders.items():
+            self._bind(w, lambda v, t=t: st.set_type_percent(t, v))
+
+        types_box = W.VBox([W.HTML("<b>per module type</b> (strategy per-type)"),
+                            *self.type_sliders.values()])
+        left = W.VBox([self.percent, self.unit, self.strategy, self.normalizer,
+                       W.HBox([self.min_rows, self.max_rows]), self.head_aligned,
+                       W.HBox([self.batch_size, self.seq_len])])
+        self.widget = W.VBox([W.HBox([left, types_box]), self.trainable, self.readout,
+                              self.message, W.HBox([self.memory, self.coverage]),
+                              W.HBox([self.path, self.export_button])])
+        self.update_view()
+
+    @property
+    def plan(self) -> RowPlan:
+        """The plan of the current settings."""
+        return self.state.plan
+
+    def export(self) -> None:
+        if apply_or_message(lambda: self.state.export(self.path.value), self._show):
+            self.message.value = f"wrote {self.path.value}"
+
+    def _bind(self, widget, setter) -> None:
+        def on_change(change):
+            if self._syncing:
+                return
+            apply_or_message(lambda: setter(change["new"]), self._show)
+            self.update_view()   # also puts a refused control back to the state's value
+        widget.observe(on_change, names="value")
+
+    _syncing = False
+
+    def _show(self, text: str) -> None:
+        self.message.value = f"<span style='color:#b00'>{text}</span>" if text else ""
+
+    def _sync_controls(self) -> None:
+        s = self.state.settings
+        self._syncing = True
+        try:
+            values = {self.percent: s.percent, self.unit: s.unit, self.strategy: s.strategy,
+                      self.normalizer: s.normalizer, self.min_rows: s.min_rows,
+                      self.max_rows: s.max_rows or 0, self.head_aligned: s.head_aligned,
+                      self.batch_size: s.batch_size, self.seq_len: s.seq_len}
+            values.update({w: self.state.type_percent(t) for t, w in self.type_sliders.items()})
+            for w, v in values.items():
+                if w.value != v:
+                    w.value = v
+            per_type = s.strategy == "per-type"
+            for w in self.type_sliders.values():
+                w.disabled = not per_type
+            self.normalizer.disabled = s.strategy not in ("topk", "coverage")
+        finally:
+            self._syncing = False
+
+    def update_view(self) -> None:
+        """Push the state's readout into the controls, text and figures."""
+        self._sync_controls()
+        r = self.state.readout
+        self.trainable.value = (f"trainable parameters: {r.trainable:,} "
+                                f"({r.percent_of_model:.3g}% of the model)")
+        self.readout.value = (f"{self.state.summary_text()}<br><i>{self.state.message}</i>")
+        with self.memory.batch_update():
+            for trace, comp in zip(self.memory.data, self._components):
+                trace.y = [r.memory[m][comp] / 2**30 for m in self._methods]
+                trace.hovertemplate = [f"{comp}: {human_bytes(r.memory[m][comp])}<extra></extra>"
+                                       for m in self._methods]
+        with self.coverage.batch_update():
+            self.coverage.data[0].y = [100.0 * r.coverage[k] for k in self.state.layers]
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

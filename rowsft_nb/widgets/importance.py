@@ -1,0 +1,426 @@
+"""Importance explorer: a heatmap of neuron scores per layer and module type, a drill-down
+into one module's per-neuron profile (with a plan's rows marked), and how concentrated
+importance is per layer.
+
+All logic lives in :class:`ImportanceState` (plain Python, tested without a browser);
+:class:`ImportanceExplorer` binds it to ipywidgets and plotly ``FigureWidget`` s.
+
+Usage::
+
+    from rowsft_nb.widgets import ImportanceExplorer
+    ImportanceExplorer({"taylor": taylor_report, "wanda": wanda_report}, plan=plan)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..plan import RowPlan
+from ..scoring.report import ImportanceReport
+from ..targets import module_type
+from ._common import apply_or_message, layer_key, layer_label, types_in_order
+
+NORMALIZATIONS = ("none", "mean", "max", "rank")
+ORDERS = ("index", "sorted")
+CDF_POINTS = 101
+
+
+@dataclass
+class HeatmapData:
+    """What the heatmap draws: ``z[row, col]`` (NaN where a layer lacks that module),
+    row labels, per-column type and neuron range, hover text per cell."""
+
+    z: np.ndarray
+    rows: list[int]                     # layer keys (-1 = outside the blocks)
+    row_labels: list[str]
+    column_types: list[str]
+    column_ranges: list[tuple[int, int]]   # [start, end) neuron indices (ranks when sorted)
+    type_spans: list[tuple[str, int, int]]  # (type, first column, last column + 1)
+    customdata: np.ndarray              # [rows, cols, 2]: module name, neuron range text
+    colorbar_title: str
+
+
+@dataclass
+class ProfileData:
+    """One module's full per-neuron scores with the plan's selected rows marked."""
+
+    module: str
+    scores: np.ndarray                  # [d_out], normalized as the heatmap
+    selected: np.ndarray                # int64 row indices from the plan (may be empty)
+    covered: float                      # share of the module's (non-negative) score mass selected
+
+
+@dataclass
+class ConcentrationData:
+    """Per layer: share of importance held by the top fraction of neurons (a Lorenz-style
+    curve from 0 to 1) and the Gini coefficient."""
+
+    fraction: np.ndarray                # [CDF_POINTS] fraction of neurons, 0..1
+    curves: dict[int, np.ndarray]       # layer key -> [CDF_POINTS] share of score mass
+    gini: dict[int, float]
+
+
+class ImportanceState:
+    """Everything the importance explorer shows, computed from one or several reports.
+
+    Usage::
+
+        state = ImportanceState({"taylor": report}, plan=plan)
+        state.set_normalization("rank"); state.set_types(["self_attn.q_proj"])
+        module = state.select_cell(row=0, col=3)      # the module a heatmap cell belongs to
+        state.profile().selected                       # the plan's rows of that module
+    """
+
+    def __init__(self, reports: ImportanceReport | Mapping[str, ImportanceReport],
+                 plan: RowPlan | None = None, max_columns: int = 256) -> None:
+        if isinstance(reports, ImportanceReport):
+            reports = {reports.metric: reports}
+        reports = dict(reports)
+        if not reports:
+            raise ValueError("ImportanceState needs at least one ImportanceReport")
+        for key, rep in reports.items():
+            if not isinstance(rep, ImportanceReport):
+                raise ValueError(f"reports[{key!r}] is a {type(rep).__name__}, not an "
+                                 "ImportanceReport; pass rowsft_nb.score(...) results")
+        if max_columns < 1:
+            raise ValueError(f"max_columns must be >= 1, got {max_columns}")
+        self.reports = reports
+        self.max_columns = int(max_columns)
+        self.metric = next(iter(reports))
+        self.normalization = "none"
+        self.log_scale = False
+        self.order = "index"
+        self.types = self.available_types()
+        self.module: str | None = None
+        self.plan: RowPlan | None = None
+        self._normalized: dict[tuple[str, str], ImportanceReport] = {}
+        if plan is not None:
+            self.set_plan(plan)
+
+    # ------------------------------------------------------------------ controls
+    @property
+    def report(self) -> ImportanceReport:
+        """The current report, normalized as chosen."""
+        key = (self.metric, self.normalization)
+        if key not in self._normalized:
+            base = self.reports[self.metric]
+            self._normalized[key] = base if self.normalization == "none" else \
+                base.normalized(self.normalization)
+        return self._normalized[key]
+
+    def available_types(self) -> list[str]:
+        """Module types (``self_attn.q_proj``, ``mlp.up_proj``...) of the current report."""
+        return types_in_order(self.reports[self.metric].modules)
+
+    def set_metric(self, metric: str) -> None:
+        if metric not in self.reports:
+            raise ValueError(f"Unknown metric {metric!r}; available: {list(self.reports)}")
+        self.metric = metric
+        kept = [t for t in self.types if t in self.available_types()]
+        self.types = kept or self.available_types()
+        if self.module is not None and self.module not in self.reports[metric].scores:
+            self.module = None
+
+    def set_normalization(self, kind: str) -> None:
+        if kind not in NORMALIZATIONS:
+            raise ValueError(f"Unknown normalization {kind!r}; choose one of {NORMALIZATIONS}")
+        self.normalization = kind
+
+    def set_types(self, types: list[str] | tuple[str, ...]) -> None:
+        """Show only these module types (at least one)."""
+        available = self.available_types()
+        unknown = [t for t in types if t not in available]
+        if unknown:
+            raise ValueError(f"Unknown module type(s) {unknown}; available: {available}")
+        if not types:
+            raise ValueError("Select at least one module type to show")
+        self.types = [t for t in available if t in types]
+
+    def set_log_scale(self, on: bool) -> None:
+        self.log_scale = bool(on)
+
+    def set_order(self, order: str) -> None:
+        """``index``: neurons binned in index order; ``sorted``: by descending score."""
+        if order not in ORDERS:
+            raise ValueError(f"Unknown order {order!r}; choose one of {ORDERS}")
+        self.order = order
+
+    def set_plan(self, plan: RowPlan | None) -> None:
+        """Mark this plan's rows in the profile (``None`` clears it)."""
+        if plan is not None:
+            shapes = self.reports[self.metric].shapes
+            bad = [n for n in plan.rows if n in shapes and tuple(plan.shapes[n]) != shapes[n]]
+            if bad:
+                raise ValueError(f"Plan shapes differ from the report for {bad[:3]}: the plan "
+                                 "was made for another model")
+        self.plan = plan
+
+    def select_module(self, name: str) -> None:
+        if name not in self.report.scores:
+            raise ValueError(f"Module {name!r} is not in the {self.metric!r} report")
+        self.module = name
+
+    # ------------------------------------------------------------------ heatmap
+    def _grid(self) -> tuple[list[int], dict[tuple[int, str], str]]:
+        """Layer keys (sorted) and (layer, type) -> module name for the visible types."""
+        grid: dict[tuple[int, str], str] = {}
+        for name in self.report.modules:
+            t = module_type(name)
+            if t in self.types:
+                grid[(layer_key(name), t)] = name
+        rows = sorted({k for k, _ in grid})
+        return rows, grid
+
+    def _bins_per_type(self, grid: dict[tuple[int, str], str]) -> dict[str, int]:
+        per_type = max(1, self.max_columns // max(1, len(self.types)))
+        bins = {}
+        for t in self.types:
+            sizes = [self.report.shapes[n][0] for (_, tt), n in grid.items() if tt == t]
+            bins[t] = max(1, min(per_type, min(sizes)))
+        return bins
+
+    def heatmap(self) -> HeatmapData:
+        """Binned scores: one row per layer, at most ``max_columns`` columns in all."""
+        rows, grid = self._grid()
+        bins = self._bins_per_type(grid)
+        n_cols = sum(bins.values())
+        z = np.full((len(rows), n_cols), np.nan)
+        custom = np.full((len(rows), n_cols, 2), "", dtype=object)
+        column_types: list[str] = []
+        column_ranges: list[tuple[int, int]] = []
+        spans: list[tuple[str, int, int]] = []
+        col0 = 0
+        for t in self.types:
+            b = bins[t]
+            spans.append((t, col0, col0 + b))
+            ranges_t = None
+            for ri, layer in enumerate(rows):
+                name = grid.get((layer, t))
+                if name is None:
+                    continue
+                means, edges = bin_means(self.report.scores[name], b, self.order == "sorted")
+                z[ri, col0:col0 + b] = means
+                ranges = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+                ranges_t = ranges_t or ranges
+                what = "ranks" if self.order == "sorted" else "neurons"
+                for j, (a, e) in enumerate(ranges):
+                    custom[ri, col0 + j, 0] = name
+                    custom[ri, col0 + j, 1] = f"{what} {a}" if e - a == 1 else f"{what} {a}-{e - 1}"
+            column_types += [t] * b
+            column_ranges += ranges_t or [(0, 0)] * b
+            col0 += b
+        title = f"{self.metric} ({self.normalization})"
+        if self.log_scale:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(z > 0, np.log10(np.where(z > 0, z, 1.0)), np.nan)
+            title = f"log10 {title}"
+        return HeatmapData(z=z, rows=rows, row_labels=[layer_label(r) for r in rows],
+                           column_types=column_types, column_ranges=column_ranges,
+                           type_spans=spans, customdata=custom, colorbar_title=title)
+
+    def cell_module(self, row: int, col: int) -> str | None:
+        """Module drawn in heatmap cell (row, col), None where the layer lacks it."""
+        rows, grid = self._grid()
+        bins = self._bins_per_type(grid)
+        if not (0 <= row < len(rows)) or not (0 <= col < sum(bins.values())):
+            raise ValueError(f"Cell ({row}, {col}) is outside the heatmap "
+                             f"({len(rows)} x {sum(bins.values())})")
+        for t in self.types:
+            if col < bins[t]:
+                return grid.get((rows[row], t))
+            col -= bins[t]
+        return None  # pragma: no cover - col bounds checked above
+
+    def select_cell(self, row: int, col: int) -> str:
+        """Drill into the module of a heatmap cell (what a click does); returns its name."""
+        name = self.cell_module(row, col)
+        if name is None:
+            raise ValueError(f"No module in cell ({row}, {col}): that layer has no such type")
+        self.module = name
+        return name
+
+    # ------------------------------------------------------------------ side plots
+    def profile(self, module: str | None = None) -> ProfileData | None:
+        """Full per-neuron scores of ``module`` (default: the selected one)."""
+        name = module or self.module
+        if name is None:
+            return None
+        s = self.report.scores[name]
+        selected = torch.empty(0, dtype=torch.int64)
+        if self.plan is not None and name in self.plan.rows:
+            selected = self.plan.rows[name]
+        mass = s.clamp_min(0)
+        total = float(mass.sum())
+        covered = float(mass[selected].sum()) / total if total > 0 else 0.0
+        return ProfileData(module=name, scores=s.numpy().copy(), selected=selected.numpy(),
+                           covered=covered)
+
+    def concentration(self) -> ConcentrationData:
+        """Per layer (visible types pooled): share of score mass in the top x of neurons."""
+        rows, grid = self._grid()
+        frac = np.linspace(0.0, 1.0, CDF_POINTS)
+        curves, ginis = {}, {}
+        for layer in rows:
+            names = [n for (lk, _), n in grid.items() if lk == layer]
+            s = torch.cat([self.report.scores[n] for n in names])
+            curves[layer], ginis[layer] = top_share_curve(s, frac)
+        return ConcentrationData(fraction=frac, curves=curves, gini=ginis)
+
+
+def bin_means(scores: torch.Tensor, n_bins: int, sort: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``scores`` over ``n_bins`` contiguous bins (after a descending sort when
+    ``sort``); returns (means, edges) with ``edges[j]:edges[j+1]`` the bin's indices."""
+    s = scores.numpy().astype(np.float64)
+    if sort:  # numpy: ~50x faster than torch.sort on CPU for these sizes
+        s = np.sort(s)[::-1]
+    n = s.size
+    edges = (np.arange(n_bins + 1, dtype=np.int64) * n) // n_bins
+    csum = np.concatenate([[0.0], np.cumsum(s)])
+    means = (csum[edges[1:]] - csum[edges[:-1]]) / np.diff(edges)
+    return means, edges
+
+
+def top_share_curve(scores: torch.Tensor, fraction: np.ndarray) -> tuple[np.ndarray, float]:
+    """Share of the total (non-negative) mass held by the top ``fraction`` of entries, and
+    the Gini coefficient of those entries (0 = uniform, towards 1 = concentrated)."""
+    asc = np.sort(np.clip(scores.numpy().astype(np.float64), 0, None))
+    n = asc.size
+    total = float(asc.sum())
+    if n == 0 or total <= 0:
+        return fraction.copy(), 0.0
+    g = float(2 * np.dot(np.arange(1, n + 1), asc) / (n * total) - (n + 1) / n)
+    csum = np.concatenate([[0.0], np.cumsum(asc[::-1])])
+    k = np.round(fraction * n).astype(np.int64)
+    return csum[k] / total, g
+
+
+class ImportanceExplorer:
+    """Heatmap + drill-down + concentration view over :class:`ImportanceState`.
+
+    Usage: ``ImportanceExplorer(report, plan=plan)`` as the last line of a cell.
+    ``explorer.state`` holds all logic; ``explorer.widget`` is the displayed box.
+    """
+
+    def __init__(self, reports: ImportanceReport | Mapping[str, ImportanceReport],
+                 plan: RowPlan | None = None, max_columns: int = 256) -> None:
+        import ipywidgets as W
+        import plotly.graph_objects as go
+
+        self.state = ImportanceState(reports, plan=plan, max_columns=max_columns)
+        st = self.state
+        self.metric = W.Dropdown(options=list(st.reports), value=st.metric,
+                                 description="metric",
+                                 layout=W.Layout(display="" if len(st.reports) > 1 else "none"))
+        self.normalization = W.ToggleButtons(options=list(NORMALIZATIONS), value="none",
+                                             description="normalize", style={"button_width": "60px"})
+        self.types = W.SelectMultiple(options=st.available_types(), value=tuple(st.types),
+                                      description="types", rows=min(7, len(st.types)))
+        self.log_scale = W.Checkbox(value=False, description="log scale", indent=False)
+        self.order = W.Dropdown(options=list(ORDERS), value="index", description="neurons")
+        self.message = W.HTML()
+        self.heat = go.FigureWidget(
+            data=[go.Heatmap(colorscale="Viridis",
+                             hovertemplate="%{customdata[0]}<br>%{customdata[1]}"
+                                           "<br>score %{z:.4g}<extra></extra>")],
+            layout=dict(height=420, margin=dict(l=70, r=10, t=30, b=60),
+                        title="neuron importance (click a cell)", xaxis=dict(showgrid=False),
+                        yaxis=dict(autorange="reversed")))
+        self.prof = go.FigureWidget(
+            data=[go.Scatter(mode="lines", name="score", line=dict(width=1)),
+                  go.Scatter(mode="markers", name="selected rows",
+                             marker=dict(color="crimson", size=5, symbol="line-ns-open"))],
+            layout=dict(height=260, margin=dict(l=50, r=10, t=30, b=40),
+                        title="click a heatmap cell for a module's profile",
+                        xaxis_title="neuron", yaxis_title="score"))
+        self.conc = go.FigureWidget(layout=dict(
+            height=300, margin=dict(l=50, r=10, t=30, b=40),
+            title="importance concentration per layer",
+            xaxis_title="top fraction of neurons", yaxis_title="share of importance"))
+        self.heat.data[0].on_click(self._on_click)
+        for w, setter in ((self.metric, st.set_metric), (self.normalization, st.set_normalization),
+                          (self.log_scale, st.set_log_scale), (self.order, st.set_order),
+                          (self.types, lambda v: st.set_types(list(v)))):
+            w.observe(self._handler(w, setter), names="value")
+        controls = W.HBox([W.VBox([self.metric, self.normalization, self.order, self.log_scale]),
+                           self.types])
+        self.widget = W.VBox([controls, self.message, self.heat,
+                              W.HBox([self.prof, self.conc])])
+        self.refresh()
+
+    def _handler(self, widget, setter):
+        def on_change(change):
+            ok = apply_or_message(lambda: setter(change["new"]), self._show)
+            if not ok:  # put the control back to what the state holds
+                with widget.hold_trait_notifications():
+                    widget.unobserve_all("value")
+                    widget.value = change["old"]
+                    widget.observe(self._handler(widget, setter), names="value")
+                return
+            if widget is self.metric:
+                self.types.options = self.state.available_types()
+                self.types.value = tuple(self.state.types)
+            self.refresh()
+        return on_change
+
+    def _show(self, text: str) -> None:
+        self.message.value = f"<span style='color:#b00'>{text}</span>" if text else ""
+
+    def _on_click(self, trace, points, selector) -> None:
+        if not points.point_inds:
+            return
+        ind = points.point_inds[0]
+        row, col = (ind if isinstance(ind, (list, tuple)) else (points.ys[0], points.xs[0]))
+        if isinstance(row, str):
+            row = self.state.heatmap().row_labels.index(row)
+        if apply_or_message(lambda: self.state.select_cell(int(row), int(col)), self._show):
+            self._draw_profile()
+
+    def refresh(self) -> None:
+        """Redraw every figure from the state."""
+        hm = self.state.heatmap()
+        centers = [(a + b - 1) / 2 for _, a, b in hm.type_spans]
+        with self.heat.batch_update():
+            tr = self.heat.data[0]
+            tr.z = hm.z
+            tr.x = list(range(hm.z.shape[1]))
+            tr.y = hm.row_labels
+            tr.customdata = hm.customdata
+            tr.colorbar = dict(title=dict(text=hm.colorbar_title, side="right"))
+            self.heat.layout.xaxis.tickvals = centers
+            self.heat.layout.xaxis.ticktext = [t for t, _, _ in hm.type_spans]
+            self.heat.layout.shapes = [dict(type="line", x0=a - 0.5, x1=a - 0.5, y0=0, y1=1,
+                                            yref="paper", line=dict(color="white", width=2))
+                                       for _, a, _ in hm.type_spans[1:]]
+        conc = self.state.concentration()
+        with self.conc.batch_update():
+            self.conc.data = []
+            for layer, curve in conc.curves.items():
+                self.conc.add_scatter(x=conc.fraction, y=curve, mode="lines",
+                                      name=f"{layer_label(layer)} (gini {conc.gini[layer]:.2f})",
+                                      line=dict(width=1))
+        self._draw_profile()
+
+    def _draw_profile(self) -> None:
+        prof = self.state.profile()
+        if prof is None:
+            return
+        y = prof.scores
+        if self.state.log_scale:
+            y = np.where(y > 0, np.log10(np.where(y > 0, y, 1.0)), np.nan)
+        with self.prof.batch_update():
+            self.prof.data[0].x = np.arange(y.size)
+            self.prof.data[0].y = y
+            self.prof.data[1].x = prof.selected
+            self.prof.data[1].y = y[prof.selected]
+            self.prof.layout.title = (f"{prof.module}: {prof.selected.size} rows selected, "
+                                      f"{100 * prof.covered:.1f}% of its importance")
+            self.prof.layout.yaxis.title = "log10 score" if self.state.log_scale else "score"
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

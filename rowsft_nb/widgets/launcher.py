@@ -1,0 +1,451 @@
+"""Training launcher: pick lr, steps/epochs, batch size and device, press Launch, watch the
+loss and evaluation curves live, press Stop at any time, save the adapter.
+
+Training runs in a background thread (``threading.Thread``) so the kernel keeps serving
+widget events; a :class:`rowsft_nb.train.TrainingObserver` streams logs into
+:class:`LaunchState` and asks the loop to stop. All rules live in :class:`LaunchState`;
+:class:`TrainingLauncher` is the view.
+
+Usage::
+
+    from rowsft_nb.widgets import TrainingLauncher
+    launcher = TrainingLauncher(model, plan, data.train, eval_dataset=data.validation,
+                                tokenizer=tokenizer)
+    launcher                           # Launch ... Stop ... save
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..plan import RowPlan
+from ._common import apply_or_message, human_bytes, human_count
+
+MODES = ("steps", "epochs")
+IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
+    "idle", "running", "stopping", "finished", "stopped", "failed")
+
+
+def _same_rows(a: RowPlan, b: RowPlan) -> bool:
+    if a.rows.keys() != b.rows.keys() or a.columns.keys() != b.columns.keys():
+        return False
+    return all(torch.equal(a.rows[k], b.rows[k]) for k in a.rows) and \
+        all(torch.equal(a.columns[k], b.columns[k]) for k in a.columns)
+
+
+class LaunchState:
+    """Settings, the running thread and everything the run reported.
+
+    Usage::
+
+        state = LaunchState(model, plan, dataset, eval_dataset=eval_ds)
+        state.set_lr(1e-3); state.set_steps(200)
+        state.launch_problem()          # None, or why Launch is disabled
+        state.launch(); ...; state.stop(); state.wait()
+        state.loss_points               # [(step, loss), ...] as they arrived
+        state.save("out/adapter")
+    """
+
+    def __init__(self, model: nn.Module, plan: RowPlan | None, dataset, *, eval_dataset=None,
+                 tokenizer=None, task: str | None = None, lr: float = 1e-4, steps: int = 100,
+                 epochs: float = 1.0, mode: str = "steps", batch_size: int = 8,
+                 device: str | None = None, logging_steps: int = 1,
+                 devices: list[tuple[str, str]] | None = None,
+                 train_kwargs: dict[str, Any] | None = None) -> None:
+        from ..train import list_devices
+
+        self.model = model
+        self.plan = plan
+        self.dataset = dataset
+        self.eval_dataset = eval_dataset
+        self.tokenizer = tokenizer
+        self.task = task
+        self.train_kwargs = dict(train_kwargs or {})
+        self.devices: list[tuple[str, str]] = list(devices) if devices is not None else list_devices()
+        self.lr = self.steps = self.epochs = self.batch_size = None  # set below, validated
+        self.set_lr(lr)
+        self.set_steps(steps)
+        self.set_epochs(epochs)
+        self.set_mode(mode)
+        self.set_batch_size(batch_size)
+        if logging_steps < 1:
+            raise ValueError(f"logging_steps must be >= 1, got {logging_steps}")
+        self.logging_steps = int(logging_steps)
+        # An unknown device is kept (and Launch refused) so a notebook written on a GPU box
+        # still opens on a laptop and says why it cannot launch.
+        self.device = device if device is not None else self.devices[0][0]
+        self.status = IDLE
+        self.error: str | None = None
+        self.total_steps: int | None = None
+        self.step = 0
+        self.loss_points: list[tuple[int, float]] = []
+        self.eval_points: list[tuple[int, dict[str, float]]] = []
+        self.result = None
+        self.started_at: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[str], None]] = []
+
+    # ------------------------------------------------------------------ settings
+    def _require_idle(self, what: str) -> None:
+        if self.running:
+            raise ValueError(f"Cannot change {what} while training runs; press Stop first")
+
+    def set_lr(self, lr: float) -> None:
+        lr = float(lr)
+        if not (math.isfinite(lr) and 0.0 < lr < 1.0):
+            raise ValueError(f"Learning rate must be in (0, 1), got {lr}; 1e-4 is a usual start")
+        if self.lr is not None:
+            self._require_idle("the learning rate")
+        self.lr = lr
+
+    def set_steps(self, steps: int) -> None:
+        if int(steps) != steps or int(steps) < 1:
+            raise ValueError(f"Steps must be a whole number >= 1, got {steps}")
+        if self.steps is not None:
+            self._require_idle("the number of steps")
+        self.steps = int(steps)
+
+    def set_epochs(self, epochs: float) -> None:
+        epochs = float(epochs)
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"Epochs must be > 0, got {epochs}")
+        if self.epochs is not None:
+            self._require_idle("the number of epochs")
+        self.epochs = epochs
+
+    def set_mode(self, mode: str) -> None:
+        """``steps``: stop after ``steps`` optimizer steps; ``epochs``: after ``epochs`` passes."""
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}")
+        if hasattr(self, "mode"):
+            self._require_idle("steps/epochs")
+        self.mode = mode
+
+    def set_batch_size(self, batch_size: int) -> None:
+        if int(batch_size) != batch_size or int(batch_size) < 1:
+            raise ValueError(f"Batch size must be a whole number >= 1, got {batch_size}")
+        if self.batch_size is not None:
+            self._require_idle("the batch size")
+        self.batch_size = int(batch_size)
+
+    def set_device(self, device: str) -> None:
+        self._require_idle("the device")
+        if device not in self.device_ids:
+            raise ValueError(f"Device {device!r} is not available here; choose one of "
+                             f"{self.device_ids}")
+        self.device = device
+
+    def set_plan(self, plan: RowPlan | None) -> None:
+        """Train another plan (e.g. ``budget_explorer.plan`` after moving its sliders)."""
+        self._require_idle("the plan")
+        self.plan = plan
+
+    @property
+    def device_ids(self) -> list[str]:
+        return [d for d, _ in self.devices]
+
+    # ------------------------------------------------------------------ launching
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def launch_problem(self) -> str | None:
+        """Why Launch is refused right now, or None when it may start."""
+        from ..adapter import adapter_state
+
+        if self.running:
+            return "A run is in progress; press Stop to end it"
+        if self.plan is None or self.plan.is_empty():
+            return "The plan selects no rows: raise the budget (BudgetExplorer) first"
+        if self.device not in self.device_ids:
+            return (f"Device {self.device!r} is missing on this machine; available: "
+                    f"{', '.join(self.device_ids)}")
+        if self.dataset is None or len(self.dataset) == 0:
+            return "The training dataset is empty"
+        existing = adapter_state(self.model)
+        if existing is not None and not _same_rows(existing.plan, self.plan):
+            return ("The model already carries an adapter for another plan: call "
+                    "rowsft_nb.adapter.unload(model) (or merge_and_unload) before launching "
+                    "this plan")
+        return None
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """``listener(event)`` is called (from the training thread) on ``begin``, ``log``,
+        ``evaluate`` and ``end``."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: str) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(event)
+            except Exception:  # a broken view must not kill the training run
+                pass
+
+    def launch(self) -> None:
+        """Inject the plan (unless the model already carries it) and start training in a
+        background thread. Raises ``ValueError`` with the reason when Launch is refused."""
+        from ..adapter import adapter_state, inject
+
+        problem = self.launch_problem()
+        if problem:
+            raise ValueError(problem)
+        if adapter_state(self.model) is None:
+            inject(self.model, self.plan)
+        with self._lock:
+            self._stop.clear()
+            self.status, self.error, self.result = RUNNING, None, None
+            self.step, self.total_steps = 0, None
+            self.loss_points, self.eval_points = [], []
+            self.started_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="rowsft-train", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ..train import TrainingObserver, train
+
+        state = self
+
+        class Observer(TrainingObserver):
+            def on_begin(self, total_steps: int) -> None:
+                state.total_steps = int(total_steps)
+                state._emit("begin")
+
+            def on_log(self, step: int, logs: dict[str, float]) -> None:
+                with state._lock:
+                    state.step = int(step)
+                    if "loss" in logs:
+                        state.loss_points.append((int(step), float(logs["loss"])))
+                state._emit("log")
+
+            def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+                with state._lock:
+                    state.eval_points.append((int(step), dict(metrics)))
+                state._emit("evaluate")
+
+            def should_stop(self) -> bool:
+                return state._stop.is_set()
+
+        kwargs: dict[str, Any] = dict(
+            eval_dataset=self.eval_dataset, tokenizer=self.tokenizer, task=self.task,
+            lr=self.lr, batch_size=self.batch_size, device=self.device.split(":")[0],
+            observer=Observer(), logging_steps=self.logging_steps, progress_bar=False)
+        if self.mode == "steps":
+            kwargs["max_steps"] = self.steps
+        else:
+            kwargs["epochs"] = self.epochs
+        kwargs.update(self.train_kwargs)
+        try:
+            result = train(self.model, self.dataset, **kwargs)
+            with self._lock:
+                self.result = result
+                self.step = result.steps
+                self.status = STOPPED if result.stopped_early else FINISHED
+        except Exception as err:  # shown in the view; the thread must not die silently
+            with self._lock:
+                self.status, self.error = FAILED, f"{type(err).__name__}: {err}"
+        self._emit("end")
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current optimizer step (returns at once)."""
+        if not self.running:
+            raise ValueError("Nothing to stop: no run is in progress")
+        self.status = STOPPING
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run ends (tests, scripts); True when it ended."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    # ------------------------------------------------------------------ results
+    @property
+    def progress(self) -> float:
+        """Fraction of planned steps done, in [0, 1]."""
+        if self.status in (FINISHED,):
+            return 1.0
+        if not self.total_steps:
+            return 0.0
+        return min(1.0, self.step / self.total_steps)
+
+    def summary(self) -> dict[str, Any] | None:
+        """Metric before/after, steps, seconds, peak memory of the last run."""
+        r = self.result
+        if r is None:
+            return None
+        key = "accuracy" if "accuracy" in r.metrics_after else "loss"
+        return {"metric": key, "before": r.metrics_before.get(key),
+                "after": r.metrics_after.get(key), "steps": r.steps, "seconds": r.seconds,
+                "peak_memory_bytes": r.peak_memory_bytes, "peak_memory_kind": r.peak_memory_kind,
+                "stop_reason": r.stop_reason, "trainable_parameters": r.trainable_parameters}
+
+    def summary_text(self) -> str:
+        if self.status == FAILED:
+            return f"training failed: {self.error}"
+        s = self.summary()
+        if s is None:
+            return ""
+        text = f"{s['steps']} steps in {s['seconds']:.1f} s"
+        if s["before"] is not None and s["after"] is not None:
+            text += f" · {s['metric']} {s['before']:.4g} → {s['after']:.4g}"
+        if s["peak_memory_bytes"]:
+            kind = " (process peak RSS)" if s["peak_memory_kind"] == "process_peak_rss" else ""
+            text += f" · peak memory {human_bytes(s['peak_memory_bytes'])}{kind}"
+        text += f" · {human_count(s['trainable_parameters'])} trainable"
+        if s["stop_reason"]:
+            text += f" · {s['stop_reason']}"
+        return text
+
+    def save_problem(self) -> str | None:
+        from ..adapter import adapter_state
+
+        if self.running:
+            return "Training is still running; stop it or wait for the end before saving"
+        if adapter_state(self.model) is None or self.result is None:
+            return "Nothing trained yet: launch a run first"
+        return None
+
+    def save(self, directory: str) -> str:
+        """``save_adapter(model, directory)`` after a finished or stopped run."""
+        from ..adapter import save_adapter
+
+        problem = self.save_problem()
+        if problem:
+            raise ValueError(problem)
+        if not str(directory).strip():
+            raise ValueError("Give a folder for the adapter, e.g. out/adapter")
+        return str(save_adapter(self.model, directory))
+
+
+class TrainingLauncher:
+    """Controls, progress and live curves over :class:`LaunchState`.
+
+    Usage: ``TrainingLauncher(model, plan, dataset, eval_dataset=..., tokenizer=...)``.
+    """
+
+    def __init__(self, model: nn.Module, plan: RowPlan | None, dataset, *,
+                 adapter_dir: str = "adapter", **state_kwargs: Any) -> None:
+        import ipywidgets as W
+        import plotly.graph_objects as go
+
+        self.state = LaunchState(model, plan, dataset, **state_kwargs)
+        st = self.state
+        wide = {"description_width": "90px"}
+        self.lr = W.FloatLogSlider(value=st.lr, base=10, min=-6, max=-1, step=0.1,
+                                   description="lr", readout_format=".1e", style=wide)
+        self.mode = W.ToggleButtons(options=list(MODES), value=st.mode, description="length",
+                                    style={**wide, "button_width": "70px"})
+        self.steps = W.BoundedIntText(value=st.steps, min=1, max=10**9, description="steps",
+                                      style=wide, layout=W.Layout(width="200px"))
+        self.epochs = W.BoundedFloatText(value=st.epochs, min=0.01, max=1000, step=0.5,
+                                         description="epochs", style=wide,
+                                         layout=W.Layout(width="200px"))
+        self.batch_size = W.BoundedIntText(value=st.batch_size, min=1, max=10**6,
+                                           description="batch size", style=wide,
+                                           layout=W.Layout(width="200px"))
+        options = [(label, d) for d, label in st.devices]
+        if st.device not in st.device_ids:
+            options.append((f"{st.device} (missing)", st.device))
+        self.device = W.Dropdown(options=options, value=st.device, description="device",
+                                 style=wide, layout=W.Layout(width="420px"))
+        self.launch_button = W.Button(description="Launch", button_style="success",
+                                      icon="play").add_class("rowsft-launch")
+        self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop",
+                                    disabled=True).add_class("rowsft-stop")
+        self.reason = W.HTML().add_class("rowsft-launch-reason")
+        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress",
+                                        style=wide)
+        self.status = W.Label().add_class("rowsft-status")
+        self.summary = W.HTML().add_class("rowsft-summary")
+        self.path = W.Text(value=adapter_dir, description="adapter dir", style=wide)
+        self.save_button = W.Button(description="Save adapter", icon="save", disabled=True)
+        self.curves = go.FigureWidget(
+            data=[go.Scatter(mode="lines+markers", name="train loss", marker=dict(size=4)),
+                  go.Scatter(mode="lines+markers", name="eval", yaxis="y2",
+                             marker=dict(size=7, symbol="diamond"))],
+            layout=dict(height=320, margin=dict(l=50, r=50, t=30, b=40), title="training",
+                        xaxis_title="step", yaxis_title="loss",
+                        yaxis2=dict(title="eval", overlaying="y", side="right")))
+
+        setters = {self.lr: st.set_lr, self.mode: st.set_mode, self.steps: st.set_steps,
+                   self.epochs: st.set_epochs, self.batch_size: st.set_batch_size,
+                   self.device: st.set_device}
+        for w, setter in setters.items():
+            w.observe(lambda ch, setter=setter: self._on_control(setter, ch["new"]), names="value")
+        self.launch_button.on_click(lambda _b: self._act(st.launch))
+        self.stop_button.on_click(lambda _b: self._act(st.stop))
+        self.save_button.on_click(lambda _b: self._save())
+        st.subscribe(self._on_event)
+        self.widget = W.VBox([
+            W.HBox([W.VBox([self.lr, self.mode, W.HBox([self.steps, self.epochs]),
+                            self.batch_size, self.device]),
+                    W.VBox([W.HBox([self.launch_button, self.stop_button]), self.reason,
+                            self.progress, self.status])]),
+            self.curves, self.summary, W.HBox([self.path, self.save_button])])
+        self.update_view()
+
+    def _on_control(self, setter, value) -> None:
+        apply_or_message(lambda: setter(value), self._show)
+        self.update_view()
+
+    def _act(self, action) -> None:
+        apply_or_message(action, self._show)
+        self.update_view()
+
+    def _save(self) -> None:
+        if apply_or_message(lambda: self.state.save(self.path.value), self._show):
+            self._show(f"saved the adapter to {self.path.value}", error=False)
+
+    def _show(self, text: str, error: bool = True) -> None:
+        color = "#b00" if error else "#060"
+        self.reason.value = f"<span style='color:{color}'>{text}</span>" if text else ""
+
+    def _on_event(self, event: str) -> None:
+        self.update_view(curves=event in ("log", "evaluate", "end"))
+
+    def update_view(self, curves: bool = True) -> None:
+        """Push the state into the buttons, progress bar, text and curves."""
+        st = self.state
+        problem = st.launch_problem()
+        running = st.running and st.status in (RUNNING, STOPPING)
+        self.launch_button.disabled = problem is not None
+        self.launch_button.tooltip = problem or "start training"
+        self.stop_button.disabled = not running or st.status == STOPPING
+        for w in (self.lr, self.mode, self.steps, self.epochs, self.batch_size, self.device):
+            w.disabled = running
+        self.steps.layout.display = "" if st.mode == "steps" else "none"
+        self.epochs.layout.display = "" if st.mode == "epochs" else "none"
+        if problem and not running and not self.reason.value.startswith("<span style='color:#060"):
+            self._show(problem)
+        elif not problem and "Launch" not in (self.reason.value or "") and not running:
+            pass
+        self.progress.value = st.progress
+        total = f"/{st.total_steps}" if st.total_steps else ""
+        self.status.value = f"{st.status}: step {st.step}{total}"
+        self.save_button.disabled = st.save_problem() is not None
+        self.summary.value = st.summary_text()
+        if curves:
+            with st._lock:
+                loss = list(st.loss_points)
+                evals = list(st.eval_points)
+            key = None
+            if evals:
+                key = "accuracy" if "accuracy" in evals[-1][1] else "loss"
+            with self.curves.batch_update():
+                self.curves.data[0].x = [s for s, _ in loss]
+                self.curves.data[0].y = [v for _, v in loss]
+                self.curves.data[1].x = [s for s, m in evals if key in m]
+                self.curves.data[1].y = [m[key] for s, m in evals if key in m]
+                self.curves.data[1].name = f"eval {key}" if key else "eval"
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
