@@ -6,6 +6,7 @@ Usage::
     plan.trainable_parameters()        # sum of r * d_in (+ d_out * c for columns)
     plan.save("plan.json"); plan = RowPlan.load("plan.json")
     plan.validate(model)               # every module exists, indices in range
+    plan.memory_estimate(8, 512); plan.equivalent_lora_rank(); plan.overlap(other_plan)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,6 +76,47 @@ class RowPlan:
         for k, v in self.columns.items():
             total += v.numel() * self.shapes[k][0]
         return total
+
+    def equivalent_lora_rank(self) -> float:
+        """LoRA rank ``k`` with ``k * sum(d_in + d_out)`` over the plan's modules equal to
+        :meth:`trainable_parameters`. Usage: ``plan.equivalent_lora_rank()  # e.g. 32.0``"""
+        denom = sum(sum(self.shapes[m]) for m in self.modules)
+        return self.trainable_parameters() / denom if denom else 0.0
+
+    def memory_estimate(self, batch_size: int, seq_len: int,
+                        dtype: torch.dtype = torch.float32, optimizer: str = "adamw"):
+        """Bytes by component for rowsft, LoRA at equal parameters and full fine-tuning
+        (:class:`rowsft_nb.memory.MemoryEstimate`; the model is documented there).
+        Usage: ``plan.memory_estimate(8, 512, torch.bfloat16).to_frame("GiB")``"""
+        from .memory import estimate_memory
+
+        return estimate_memory(self, batch_size, seq_len, dtype=dtype, optimizer=optimizer)
+
+    def overlap(self, other: "RowPlan") -> dict[str, Any]:
+        """Jaccard similarity of the selected (module, row) pairs (selected columns count as
+        their own pairs): ``{"overall": float, "per_module": {name: float}}`` over the modules
+        either plan selects. Usage: ``taylor_plan.overlap(magnitude_plan)["overall"]``"""
+        per_module: dict[str, float] = {}
+        inter_total = union_total = 0
+        for name in dict.fromkeys(self.modules + other.modules):
+            if name in self.shapes and name in other.shapes \
+                    and self.shapes[name] != other.shapes[name]:
+                raise ValueError(f"overlap: module {name!r} has shape {self.shapes[name]} in "
+                                 f"one plan and {other.shapes[name]} in the other; the plans "
+                                 "were made for different models")
+            inter = union = 0
+            for mine, theirs in ((self.rows.get(name), other.rows.get(name)),
+                                 (self.columns.get(name), other.columns.get(name))):
+                a = mine.numpy() if mine is not None else np.zeros(0, np.int64)
+                c = theirs.numpy() if theirs is not None else np.zeros(0, np.int64)
+                i = np.intersect1d(a, c, assume_unique=True).size
+                inter += i
+                union += a.size + c.size - i
+            per_module[name] = inter / union if union else 1.0
+            inter_total += inter
+            union_total += union
+        overall = inter_total / union_total if union_total else 1.0
+        return {"overall": overall, "per_module": per_module}
 
     # ------------------------------------------------------------------ checks
     def validate(self, model: nn.Module) -> None:

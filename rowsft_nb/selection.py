@@ -391,7 +391,7 @@ class Selector:
             warnings.warn(f"{budget!r} asks for more rows than {len(clipped_mods)} module(s) "
                           f"have (e.g. {clipped_mods[0]!r} has {orders[clipped_mods[0]].size}); "
                           f"clipped by {clipped:,.0f} rows in total", SelectionWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         return counts
 
     def _allocate(self, budget: ParamBudget, names: tuple[str, ...], columns: bool,
@@ -418,7 +418,7 @@ class Selector:
             if forced_cost > limit:
                 warnings.warn(f"min_rows={min_rows} alone needs {forced_cost:,} parameters, "
                               f"{forced_cost - limit:,} above the budget of {limit:,}; the plan "
-                              "exceeds the budget", SelectionWarning, stacklevel=3)
+                              "exceeds the budget", SelectionWarning, stacklevel=4)
             eligible = np.flatnonzero(allowed & ~is_forced)
             remaining = limit - forced_cost
         else:
@@ -427,7 +427,7 @@ class Selector:
         if limit > available:
             warnings.warn(f"ParamBudget of {limit:,} parameters is more than the "
                           f"{available:,} the selected modules allow; clipped by "
-                          f"{limit - available:,}", SelectionWarning, stacklevel=3)
+                          f"{limit - available:,}", SelectionWarning, stacklevel=4)
         taken = [forced] + _greedy_fill(g, eligible, remaining)
         idx = np.concatenate(taken)
         r = np.bincount(g.module[idx], weights=g.rows[idx], minlength=len(names))
@@ -441,7 +441,7 @@ class Selector:
         if 0 < limit and not idx.size:
             warnings.warn(f"ParamBudget of {limit:,} parameters is below the cost of the "
                           f"cheapest unit ({int(g.unit_cost.min()):,}); the plan is empty",
-                          SelectionWarning, stacklevel=3)
+                          SelectionWarning, stacklevel=4)
         return counts, extra
 
 
