@@ -474,3 +474,26 @@ def test_custom_function_saves_less_than_naive_index_add(dtype):
     if dtype == torch.bfloat16:  # naive keeps an fp32 copy of x; we keep x itself
         assert ours < theirs
         assert theirs - ours >= x.numel() * 2
+
+
+def test_fingerprint_of_adapted_model_is_the_base_fingerprint():
+    base = testing.tiny_gpt2()
+    model = inject(copy.deepcopy(base), make_plan(base))
+    assert model_fingerprint(model) == model_fingerprint(base)
+    randomize_deltas(model)
+    merge(model)  # merged weights are different weights
+    assert model_fingerprint(model) != model_fingerprint(base)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_delta_gradients(reentrant):
+    base = testing.tiny_llama()
+    batch = testing.random_batches(base, n=1)[0]
+    plain = inject(copy.deepcopy(base), make_plan(base)).train()
+    plain(**batch).loss.backward()
+    ckpt = inject(copy.deepcopy(base), make_plan(base)).train()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpt(**batch).loss.backward()
+    for a, b in zip(adapted_modules(plain).values(), adapted_modules(ckpt).values()):
+        assert b.delta.grad is not None
+        torch.testing.assert_close(b.delta.grad, a.delta.grad)
