@@ -127,6 +127,8 @@ def model_fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> s
     if names is None:
         heads = set(head_module_names(model))
         names = [n for n, m in modules.items() if n and is_linear_like(m) and n not in heads]
+        # an adapted layer's frozen original sits at "<name>.base_layer": hash it as "<name>"
+        names = [n.removesuffix(".base_layer") for n in names]
     h = hashlib.blake2b(digest_size=8)
     for n in sorted(names):
         m = modules[n]
