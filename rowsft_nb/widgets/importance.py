@@ -351,19 +351,24 @@ class ImportanceExplorer:
                               W.HBox([self.prof, self.conc])])
         self.refresh()
 
+    _syncing = False
+
     def _handler(self, widget, setter):
         def on_change(change):
-            ok = apply_or_message(lambda: setter(change["new"]), self._show)
-            if not ok:  # put the control back to what the state holds
-                with widget.hold_trait_notifications():
-                    widget.unobserve_all("value")
-                    widget.value = change["old"]
-                    widget.observe(self._handler(widget, setter), names="value")
+            if self._syncing:
                 return
-            if widget is self.metric:
-                self.types.options = self.state.available_types()
-                self.types.value = tuple(self.state.types)
-            self.refresh()
+            ok = apply_or_message(lambda: setter(change["new"]), self._show)
+            self._syncing = True
+            try:
+                if not ok:  # put the control back to what the state holds
+                    widget.value = change["old"]
+                elif widget is self.metric:
+                    self.types.options = self.state.available_types()
+                    self.types.value = tuple(self.state.types)
+            finally:
+                self._syncing = False
+            if ok:
+                self.refresh()
         return on_change
 
     def _show(self, text: str) -> None:
