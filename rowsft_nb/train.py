@@ -1,0 +1,448 @@
+"""Training on ``transformers.Trainer``: one code path for row-sparse adapters, PEFT LoRA
+models and fully trainable models.
+
+Usage::
+
+    data = prepare_task("movie_sentiment", tokenizer, max_length=64, n_train=800)
+    result = train(model, data.train, eval_dataset=data.validation, tokenizer=tokenizer,
+                   lr=1e-3, epochs=1, batch_size=16)
+    result.metrics_before["accuracy"], result.metrics_after["accuracy"], result.stop_reason
+
+Because the loop is Trainer's, Accelerate, DDP/FSDP (``torchrun``/``accelerate launch``),
+gradient accumulation, mixed precision, gradient checkpointing and ``TrainerCallback`` s
+work as they do in Hugging Face. Added here: evaluation before and after, a
+:class:`TrainingObserver` for live views (stream logs, request a stop), a stop on
+non-finite loss that restores the last good trainable weights, and Ctrl-C/kernel interrupt
+that keeps what was trained and reports the step reached.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, make_collator
+
+__all__ = ["train", "TrainResult", "TrainingObserver", "NonFiniteLossError", "pick_device",
+           "list_devices", "infer_task_kind"]
+
+
+# ---------------------------------------------------------------------------- devices
+def pick_device() -> str:
+    """The best available device: ``"cuda"``, then ``"mps"``, then ``"cpu"``.
+
+    >>> pick_device()   # 'cpu' on a machine without an accelerator
+    """
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def list_devices() -> list[tuple[str, str]]:
+    """Every usable device as ``(id, label)``, best first, e.g.
+    ``("cuda:0", "cuda:0 — NVIDIA H100 80GB HBM3, 79 GB")``, ending with ``("cpu", "cpu — N cores")``.
+
+    >>> [d for d, _ in list_devices()]   # ['cpu']
+    """
+    out: list[tuple[str, str]] = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out.append((f"cuda:{i}", f"cuda:{i} — {p.name}, {p.total_memory / 1e9:.0f} GB"))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append(("mps", "mps — Apple GPU"))
+    out.append(("cpu", f"cpu — {os.cpu_count()} cores"))
+    return out
+
+
+def _resolve_device(device: str | torch.device | None) -> str:
+    d = "auto" if device is None else str(device)
+    if d == "auto":
+        return pick_device()
+    if d in ("cpu", "mps", "cuda", "cuda:0"):
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={d!r} but CUDA is not available here; use device='cpu' or 'auto'")
+        if d == "mps" and not (torch.backends.mps.is_available()):
+            raise ValueError("device='mps' but MPS is not available here; use device='cpu' or 'auto'")
+        return "cuda" if d.startswith("cuda") else d
+    if d.startswith("cuda:"):
+        raise ValueError(f"device={d!r}: Trainer places the model on the visible GPUs itself; "
+                         "pick one with CUDA_VISIBLE_DEVICES=N and device='cuda'")
+    raise ValueError(f"Unknown device {d!r}; use 'auto', 'cuda', 'mps' or 'cpu'")
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``metrics_*`` hold ``accuracy`` (classification) or ``loss``
+    (token-weighted) and ``perplexity`` (causal LM; Trainer's own batch-mean loss is
+    ``batch_mean_loss``). ``peak_memory_kind`` says what ``peak_memory_bytes`` measures:
+    ``"cuda_max_allocated"`` (training only) or ``"process_peak_rss"`` (CPU: the
+    process's peak resident size so far, not training alone)."""
+
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+    history: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    peak_memory_bytes: int | None
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    peak_memory_kind: str = ""
+    device: str = "cpu"
+    task: str = ""
+    trainable_parameters: int = 0
+    output_dir: str | None = None
+
+    def summary(self) -> str:
+        key = "accuracy" if "accuracy" in self.metrics_after else "loss"
+        before, after = self.metrics_before.get(key), self.metrics_after.get(key)
+        text = f"{self.steps} steps in {self.seconds:.1f} s on {self.device}"
+        if before is not None and after is not None:
+            text += f"; {key} {before:.4f} -> {after:.4f}"
+        if self.stop_reason:
+            text += f" ({self.stop_reason})"
+        return text
+
+
+class TrainingObserver:
+    """Base class for live views of a run (the widgets subclass it). Every method is
+    optional; ``should_stop()`` returning True ends training after the current step.
+
+    >>> class Printer(TrainingObserver):
+    ...     def on_log(self, step, logs): print(step, logs.get("loss"))
+    """
+
+    def on_begin(self, total_steps: int) -> None:
+        """Training starts; ``total_steps`` optimizer steps are planned."""
+
+    def on_log(self, step: int, logs: dict[str, float]) -> None:
+        """Trainer logged ``logs`` (``loss``, ``learning_rate``, ``grad_norm``...) at ``step``."""
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        """Evaluation finished at ``step`` (0 = before training)."""
+
+    def should_stop(self) -> bool:
+        """Polled after every optimizer step; True stops the run."""
+        return False
+
+    def on_end(self, result: TrainResult) -> None:
+        """The run is over (finished, stopped, interrupted or stopped on a non-finite loss)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; :func:`train` catches it and restores the last
+    good trainable weights."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"non-finite training loss ({loss}) at step {step}")
+        self.step, self.loss = step, loss
+
+
+def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Trainer's ``eval_*`` metrics without the prefix and timing keys. For causal LM,
+    ``loss`` is the token-weighted loss and ``batch_mean_loss`` is Trainer's own."""
+    out = {}
+    for key, value in metrics.items():
+        name = key.removeprefix("eval_")
+        if name not in ("runtime", "samples_per_second", "steps_per_second", "epoch",
+                        "model_preparation_time"):
+            out[name] = float(value)
+    if "token_loss" in out:
+        out["batch_mean_loss"] = out.pop("loss", float("nan"))
+        out["loss"] = out.pop("token_loss")
+    return out
+
+
+# ---------------------------------------------------------------------------- metrics
+def infer_task_kind(model: nn.Module, dataset=None) -> str:
+    """``"classification"`` or ``"causal_lm"`` from the model class (PEFT models are
+    unwrapped), falling back to the shape of the dataset's ``labels``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name.endswith(("ForSequenceClassification", "ForImageClassification",
+                      "ForAudioClassification")):
+        return CLASSIFICATION
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return CAUSAL_LM
+    if dataset is not None and len(dataset) and "labels" in dataset.column_names:
+        return CAUSAL_LM if isinstance(dataset[0]["labels"], (list, tuple)) else CLASSIFICATION
+    raise ValueError(f"Cannot tell the task kind of {name}; pass task='classification' "
+                     "or task='causal_lm'")
+
+
+def _first_logits(logits):
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def _argmax_logits(logits, labels):
+    return _first_logits(logits).argmax(-1)
+
+
+def _accuracy(pred) -> dict[str, float]:
+    preds = np.asarray(pred.predictions).reshape(-1)
+    labels = np.asarray(pred.label_ids).reshape(-1)
+    return {"accuracy": float((preds == labels).mean())}
+
+
+def _token_nll(logits, labels):
+    """Per example: summed next-token NLL and the number of predicted tokens, [B, 2]."""
+    logits = _first_logits(logits)[:, :-1].float()
+    target = labels[:, 1:]
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp_min(0),
+                                      reduction="none")
+    mask = (target != IGNORE_INDEX).float()
+    return torch.stack([(nll * mask).sum(1), mask.sum(1)], dim=1)
+
+
+def _perplexity(pred) -> dict[str, float]:
+    sums = np.asarray(pred.predictions).reshape(-1, 2).sum(0)
+    loss = float(sums[0] / max(sums[1], 1.0))
+    return {"token_loss": loss, "perplexity": float(math.exp(min(loss, 700.0)))}
+
+
+# ---------------------------------------------------------------------------- trainer parts
+def _make_observer_callback(observer: TrainingObserver, status: dict):
+    from transformers import TrainerCallback
+
+    class ObserverCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            observer.on_begin(int(state.max_steps))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and not any(k.startswith("eval_") for k in logs):
+                observer.on_log(int(state.global_step), dict(logs))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            observer.on_evaluate(int(state.global_step), _clean_metrics(metrics or {}))
+
+        def on_step_end(self, args, state, control, **kw):
+            if observer.should_stop():
+                control.should_training_stop = True
+                status["reason"] = f"stopped by the observer at step {state.global_step}"
+
+    return ObserverCallback()
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class RowTrainer(Trainer):
+        """Trainer that raises :class:`NonFiniteLossError` before a non-finite loss reaches
+        backward, after copying the trainable weights of the last finite step."""
+
+        nan_guard = True
+        _snapshot: list[torch.Tensor] | None = None
+        _snapshot_step = -1
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self.nan_guard and model.training:
+                self._check_loss(out[0] if return_outputs else out)
+            return out
+
+        def _trainable(self) -> list[torch.Tensor]:
+            return [p for p in self.model.parameters() if p.requires_grad]
+
+        def _check_loss(self, loss: torch.Tensor) -> None:
+            bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+            if self.args.world_size > 1:  # every rank must stop together
+                bad = self.accelerator.reduce(bad, reduction="sum")
+            step = self.state.global_step
+            if bool(bad.item()):
+                raise NonFiniteLossError(step + 1, float(loss.detach().float().mean()))
+            if step != self._snapshot_step:
+                with torch.no_grad():
+                    params = self._trainable()
+                    if self._snapshot is None:
+                        self._snapshot = [p.detach().clone() for p in params]
+                    else:
+                        for s, p in zip(self._snapshot, params):
+                            s.copy_(p)
+                self._snapshot_step = step
+
+        def restore_last_good(self) -> int | None:
+            """Copy the snapshot back; returns the step it was taken at (None if none)."""
+            if self._snapshot is None:
+                return None
+            with torch.no_grad():
+                for s, p in zip(self._snapshot, self._trainable()):
+                    p.copy_(s)
+            return self._snapshot_step
+
+    return RowTrainer
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing without reentrant autograd (works with a frozen embedding);
+    transformers 5 renamed the option to ``activation_checkpointing``."""
+    if not enabled:
+        return {}
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": True,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def _count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _peak_memory(device: str) -> tuple[int | None, str]:
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    if device == "mps":
+        return int(torch.mps.driver_allocated_memory()), "mps_driver_allocated_at_end"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+# ---------------------------------------------------------------------------- train
+def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task: str | None = None,
+          data_collator=None, lr: float = 1e-4, epochs: float | None = None,
+          max_steps: int | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
+          grad_accum: int = 1, device: str | None = "auto", bf16: bool | str = "auto",
+          seed: int = 0, weight_decay: float = 0.0, warmup_steps: float = 0,
+          lr_scheduler: str = "linear", max_grad_norm: float = 1.0,
+          callbacks: Iterable[Any] = (), observer: TrainingObserver | None = None,
+          output_dir: str | os.PathLike | None = None, save_steps: int | None = None,
+          save_total_limit: int | None = None, resume_from: str | bool | None = None,
+          gradient_checkpointing: bool = False, eval_steps: int | None = None,
+          logging_steps: int = 10, evaluate_before: bool = True, nan_guard: bool = True,
+          progress_bar: bool = True, **training_args: Any) -> TrainResult:
+    """Train whatever parameters of ``model`` require grad (a row-sparse adapter after
+    ``inject``, a PEFT model, or a full model) with ``transformers.Trainer``.
+
+    ``task``: ``"classification"`` (accuracy) or ``"causal_lm"`` (loss, perplexity);
+    inferred from the model class when None. ``epochs`` defaults to 1; ``max_steps``
+    overrides it. ``device``: ``"auto"`` (CUDA, then MPS, then CPU), ``"cuda"``, ``"mps"``
+    or ``"cpu"``. ``bf16="auto"``: bf16 autocast on GPUs that support it. With
+    ``output_dir`` + ``save_steps`` Trainer writes checkpoints; ``resume_from`` (a
+    checkpoint folder, or True for the latest in ``output_dir``) continues one.
+    ``nan_guard``: stop on a NaN/inf loss and restore the trainable weights of the last
+    finite step (keeps one copy of the trainable parameters). Extra keyword arguments go to
+    ``TrainingArguments``.
+
+    >>> result = train(model, data.train, eval_dataset=data.validation, tokenizer=tok, max_steps=50)
+    """
+    from transformers import PrinterCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty")
+    n_trainable = _count_trainable(model)
+    if n_trainable == 0:
+        raise ValueError("The model has no trainable parameters: call rowsft_nb.inject(model, plan), "
+                         "wrap it with PEFT, or set requires_grad on the parameters to train")
+    if save_steps is not None and output_dir is None:
+        raise ValueError("save_steps needs output_dir (where the checkpoints go)")
+    if resume_from is True and output_dir is None:
+        raise ValueError("resume_from=True resumes the latest checkpoint in output_dir; pass output_dir")
+    if resume_from not in (None, True, False) and not os.path.isdir(resume_from):
+        raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder")
+    kind = task or infer_task_kind(model, dataset)
+    if kind not in (CLASSIFICATION, CAUSAL_LM):
+        raise ValueError(f"task must be 'classification' or 'causal_lm', got {kind!r}")
+    dev = _resolve_device(device)
+    use_bf16 = (dev == "cuda" and torch.cuda.is_bf16_supported()) if bf16 == "auto" else bool(bf16)
+    collator = data_collator or make_collator(kind, tokenizer)
+
+    tmp = None
+    if output_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="rowsft-train-")
+        out_dir = tmp.name
+    else:
+        out_dir = str(output_dir)
+    if epochs is None and max_steps is None:
+        epochs = 1
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=eval_batch_size or batch_size,
+        gradient_accumulation_steps=grad_accum, learning_rate=lr,
+        num_train_epochs=float(epochs or 1), max_steps=int(max_steps) if max_steps else -1,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
+        max_grad_norm=max_grad_norm, seed=seed, data_seed=seed, use_cpu=(dev == "cpu"),
+        bf16=use_bf16, logging_steps=logging_steps, logging_strategy="steps",
+        eval_strategy="steps" if (eval_steps and eval_dataset is not None) else "no",
+        eval_steps=eval_steps, save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500, save_total_limit=save_total_limit,
+        report_to="none", disable_tqdm=not progress_bar, remove_unused_columns=False,
+        label_names=["labels"], dataloader_pin_memory=(dev == "cuda"), log_level="warning",
+        **_checkpointing_args(gradient_checkpointing), **training_args)
+
+    status: dict[str, str] = {}
+    all_callbacks = list(callbacks)
+    if observer is not None:
+        all_callbacks.append(_make_observer_callback(observer, status))
+    is_cls = kind == CLASSIFICATION
+    trainer_cls = _make_trainer_class()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        trainer = trainer_cls(
+            model=model, args=args, data_collator=collator, train_dataset=dataset,
+            eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=all_callbacks,
+            compute_metrics=_accuracy if is_cls else _perplexity,
+            preprocess_logits_for_metrics=_argmax_logits if is_cls else _token_nll)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    trainer.nan_guard = nan_guard
+    if not progress_bar:  # no per-log prints either: observers and history carry the logs
+        trainer.remove_callback(PrinterCallback)
+
+    metrics_before: dict[str, float] = {}
+    if eval_dataset is not None and evaluate_before:
+        metrics_before = _clean_metrics(trainer.evaluate())
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stopped_early, reason = False, None
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from if resume_from else None)
+        if status.get("reason"):
+            stopped_early, reason = True, status["reason"]
+    except KeyboardInterrupt:
+        stopped_early = True
+        reason = f"interrupted at step {trainer.state.global_step}"
+    except NonFiniteLossError as err:
+        good = trainer.restore_last_good()
+        stopped_early = True
+        if good is None:
+            reason = (f"{err}; the starting weights already give a non-finite loss: check "
+                      "the data (labels, lengths) and the model's dtype")
+        else:
+            reason = (f"{err}; restored the trainable weights after step {good}, the last "
+                      "that gave a finite loss (try a lower learning rate or bf16=False)")
+            trainer.state.global_step = good
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    peak, peak_kind = _peak_memory(dev)
+    metrics_after: dict[str, float] = {}
+    if eval_dataset is not None:
+        metrics_after = _clean_metrics(trainer.evaluate())
+    result = TrainResult(
+        metrics_before=metrics_before, metrics_after=metrics_after,
+        history=list(trainer.state.log_history), steps=int(trainer.state.global_step),
+        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+        stopped_early=stopped_early, stop_reason=reason, device=dev, task=kind,
+        trainable_parameters=n_trainable, output_dir=None if tmp else out_dir)
+    if tmp is not None:
+        tmp.cleanup()
+    model.eval()
+    if observer is not None:
+        observer.on_end(result)
+    return result
