@@ -492,7 +492,12 @@ def test_gradient_checkpointing_gives_the_same_delta_gradients(reentrant):
     plain = inject(copy.deepcopy(base), make_plan(base)).train()
     plain(**batch).loss.backward()
     ckpt = inject(copy.deepcopy(base), make_plan(base)).train()
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(ckpt, "activation_checkpointing_enable"):  # transformers >= 5 name
+        ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.modules())
     ckpt(**batch).loss.backward()
     for a, b in zip(adapted_modules(plain).values(), adapted_modules(ckpt).values()):
         assert b.delta.grad is not None
