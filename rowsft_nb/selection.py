@@ -30,7 +30,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -436,8 +436,9 @@ class Selector:
             # the score-mass share every module with rows left to add already covers
             taken_mask = np.zeros(g.module.size, dtype=bool)
             taken_mask[idx] = True
-            untaken = np.flatnonzero(~taken_mask)
-            extra["coverage"] = float(1.0 - g.key[untaken[0]]) if untaken.size else 1.0
+            first_untaken = int(np.argmin(taken_mask))
+            extra["coverage"] = 1.0 if taken_mask[first_untaken] else \
+                float(1.0 - g.key[first_untaken])
         if 0 < limit and not idx.size:
             warnings.warn(f"ParamBudget of {limit:,} parameters is below the cost of the "
                           f"cheapest unit ({int(g.unit_cost.min()):,}); the plan is empty",

@@ -226,6 +226,11 @@ def test_columns_select_input_columns_costing_d_out():
     assert plan.rows == {} and {k: v.tolist() for k, v in plan.columns.items()} == {
         "l.0.a": [1, 2], "l.0.b": [0, 1]}
     assert plan.trainable_parameters() == 2 * 2 + 2 * 3
+    # max-normalized columns: a = [.11, 1, .56, .22] cost 2 each, b = [1, .67, .33] cost 3:
+    # a1, b0 (5), b1 does not fit 7 -> skip b, a2 fits -> 7
+    plan = select(rep, ParamBudget(7, normalizer="max"), columns=True)
+    assert {k: v.tolist() for k, v in plan.columns.items()} == {"l.0.a": [1, 2], "l.0.b": [0]}
+    assert plan.trainable_parameters() == 7
     with pytest.raises(ValueError, match="head_aligned"):
         select(rep, FixedRows(2), columns=True, head_aligned=True)
     with pytest.raises(ValueError, match="column_scores"):
