@@ -367,8 +367,8 @@ class ImportanceExplorer:
                     self.types.value = tuple(self.state.types)
             finally:
                 self._syncing = False
-            if ok:
-                self.refresh()
+            if ok:  # log scale and order only change how scores are drawn
+                self.refresh(concentration=widget not in (self.log_scale, self.order))
         return on_change
 
     def _show(self, text: str) -> None:
@@ -384,8 +384,8 @@ class ImportanceExplorer:
         if apply_or_message(lambda: self.state.select_cell(int(row), int(col)), self._show):
             self._draw_profile()
 
-    def refresh(self) -> None:
-        """Redraw every figure from the state."""
+    def refresh(self, concentration: bool = True) -> None:
+        """Redraw the figures from the state (the concentration plot only when asked)."""
         hm = self.state.heatmap()
         centers = [(a + b - 1) / 2 for _, a, b in hm.type_spans]
         with self.heat.batch_update():
@@ -400,14 +400,21 @@ class ImportanceExplorer:
             self.heat.layout.shapes = [dict(type="line", x0=a - 0.5, x1=a - 0.5, y0=0, y1=1,
                                             yref="paper", line=dict(color="white", width=2))
                                        for _, a, _ in hm.type_spans[1:]]
-        conc = self.state.concentration()
-        with self.conc.batch_update():
-            self.conc.data = []
-            for layer, curve in conc.curves.items():
-                self.conc.add_scatter(x=conc.fraction, y=curve, mode="lines",
-                                      name=f"{layer_label(layer)} (gini {conc.gini[layer]:.2f})",
-                                      line=dict(width=1))
+        if concentration:
+            self._draw_concentration()
         self._draw_profile()
+
+    def _draw_concentration(self) -> None:
+        conc = self.state.concentration()
+        names = [f"{layer_label(k)} (gini {conc.gini[k]:.2f})" for k in conc.curves]
+        with self.conc.batch_update():
+            if len(self.conc.data) != len(conc.curves):
+                self.conc.data = []
+                for name in names:
+                    self.conc.add_scatter(x=conc.fraction, mode="lines", line=dict(width=1))
+            for trace, name, curve in zip(self.conc.data, names, conc.curves.values()):
+                trace.y = curve
+                trace.name = name
 
     def _draw_profile(self) -> None:
         prof = self.state.profile()
