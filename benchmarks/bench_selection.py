@@ -88,7 +88,8 @@ def run(repeats: int = 21) -> dict:
             "repeats": repeats, "threads": torch.get_num_threads(),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "torch": torch.__version__},
+                        "torch": torch.__version__,
+                        "load_average_1m": os.getloadavg()[0]},  # shared machine: contention
             "results": rows,
             "all_warm_within_goal": all(r["warm_median_ms"] <= GOAL_MS for r in rows)}
 

@@ -44,6 +44,7 @@ __all__ = ["FixedRows", "Ratio", "TypeRatios", "ParamBudget", "Budget", "budget_
            "select", "Selector", "SelectionWarning"]
 
 ALLOCATORS = ("topk", "coverage")
+_GLOBAL_CACHE_SIZE = 3  # global orders kept per Selector (~60 MB each at 7B shapes)
 SELECT_NORMALIZERS = ("rank", "mean", "max", "sum")
 
 
@@ -192,7 +193,7 @@ class _ModuleOrder:
 class _GlobalOrder:
     """All modules' chunks (``multiple_of`` rows rounded to atoms) in global priority order."""
 
-    module: np.ndarray     # module position of each chunk (int64)
+    module: np.ndarray     # module position of each chunk (int32)
     rows: np.ndarray       # rows in each chunk
     start: np.ndarray      # rows of the same module before the chunk
     cost: np.ndarray       # parameters of each chunk
@@ -217,7 +218,7 @@ class Selector:
                             "make one with rowsft_nb.score(model, data)")
         self.report = report
         self._orders: dict[tuple, dict[str, _ModuleOrder]] = {}
-        self._globals: dict[tuple, _GlobalOrder] = {}
+        self._globals: "OrderedDict[tuple, _GlobalOrder]" = OrderedDict()  # LRU, ~45 B/row
 
     # ------------------------------------------------------------------ caches
     def _module_orders(self, columns: bool, head_aligned: bool) -> dict[str, _ModuleOrder]:
@@ -256,6 +257,7 @@ class Selector:
                       multiple_of: int, allocator: str, normalizer: str) -> _GlobalOrder:
         key = (names, columns, head_aligned, multiple_of, allocator, normalizer)
         if key in self._globals:
+            self._globals.move_to_end(key)
             return self._globals[key]
         orders = self._module_orders(columns, head_aligned)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in
@@ -285,12 +287,14 @@ class Selector:
         cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
         perm = np.argsort(-cat["key"], kind="stable")  # stable: keeps each module's order
         cost = cat["cost"][perm].astype(np.int64)
-        g = _GlobalOrder(module=cat["module"][perm].astype(np.int64),
-                         rows=cat["rows"][perm].astype(np.int64),
-                         start=cat["start"][perm].astype(np.int64), cost=cost,
+        g = _GlobalOrder(module=cat["module"][perm].astype(np.int32),
+                         rows=cat["rows"][perm].astype(np.int32),
+                         start=cat["start"][perm].astype(np.int32), cost=cost,
                          unit_cost=cat["unit"][perm].astype(np.int64),
                          cum_cost=np.cumsum(cost), key=cat["key"][perm])
         self._globals[key] = g
+        while len(self._globals) > _GLOBAL_CACHE_SIZE:
+            self._globals.popitem(last=False)
         return g
 
     # ------------------------------------------------------------------ selection
