@@ -502,3 +502,32 @@ def test_gradient_checkpointing_gives_the_same_delta_gradients(reentrant):
     for a, b in zip(adapted_modules(plain).values(), adapted_modules(ckpt).values()):
         assert b.delta.grad is not None
         torch.testing.assert_close(b.delta.grad, a.delta.grad)
+
+
+def test_head_in_the_plan_gets_rows_not_full_training():
+    base = testing.tiny_bert()
+    modules = dict(base.named_modules())
+    names = find_targets(base, include_heads=True)
+    assert "classifier" in names
+    plan = RowPlan(rows={n: [0] for n in names},
+                   shapes={n: linear_shape(modules[n]) for n in names})
+    model = inject(copy.deepcopy(base), plan)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "classifier.delta" in trainable and "classifier.base_layer.weight" not in trainable
+    assert trainable_parameters(model)[0] == plan.trainable_parameters()
+
+
+def test_save_through_a_ddp_style_wrapper(tmp_path):
+    class Wrapper(nn.Module):  # what DDP / accelerate put around the model: ``.module``
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    base = testing.tiny_llama()
+    model = inject(copy.deepcopy(base), make_plan(base))
+    randomize_deltas(model)
+    save_adapter(Wrapper(model), tmp_path)
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    for name, layer in adapted_modules(model).items():
+        assert torch.equal(loaded.get_submodule(name).delta, layer.delta)
+    assert trainable_parameters(Wrapper(model)) == trainable_parameters(model)
