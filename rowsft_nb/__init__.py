@@ -2,16 +2,32 @@
 
 Data flows one way, one public function per arrow::
 
-    report = rowsft_nb.score(model, data, metric="taylor")        # ImportanceReport
+    report = rowsft_nb.score(model, batches, metric="taylor")      # ImportanceReport
     plan = rowsft_nb.select(report, rowsft_nb.Ratio(0.05))          # RowPlan
     rowsft_nb.inject(model, plan)                                   # RowSparseLinear layers
-    rowsft_nb.train(model, dataset)                                 # trains only the rows
+    result = rowsft_nb.train(model, dataset)                        # trains only the rows
     rowsft_nb.save_adapter(model, "adapter/"); rowsft_nb.merge_and_unload(model)
 """
 __version__ = "0.1.0"
 
+from .adapter import (RowSparseLinear, inject, load_adapter, merge, merge_and_unload,
+                      save_adapter, trainable_parameters, unload, unmerge)
+from .memory import MemoryEstimate
 from .plan import RowPlan
-from .scoring import ImportanceReport
+from .scoring import METRICS, ImportanceReport, score
+from .selection import FixedRows, ParamBudget, Ratio, TypeRatios, budget_from_dict, select
 from .targets import find_targets
+from .train import TrainingObserver, TrainResult, list_devices, pick_device, train
 
-__all__ = ["__version__", "RowPlan", "ImportanceReport", "find_targets"]
+__all__ = [
+    "__version__",
+    # model + data -> ImportanceReport
+    "score", "ImportanceReport", "METRICS", "find_targets",
+    # ImportanceReport -> RowPlan
+    "select", "RowPlan", "FixedRows", "Ratio", "TypeRatios", "ParamBudget", "budget_from_dict",
+    "MemoryEstimate",
+    # RowPlan -> adapted model -> trained adapter -> merged model
+    "inject", "RowSparseLinear", "trainable_parameters", "train", "TrainResult",
+    "TrainingObserver", "pick_device", "list_devices", "save_adapter", "load_adapter",
+    "merge", "unmerge", "merge_and_unload", "unload",
+]
