@@ -17,7 +17,7 @@ from torch import nn
 
 from ..plan import RowPlan
 from ..targets import head_module_names, model_fingerprint
-from .layer import RowSparseLinear, resolve_delta_dtype
+from .layer import RowSparseLinear
 
 __all__ = ["AdapterState", "inject", "adapted_modules", "adapter_state", "trainable_parameters",
            "merge", "unmerge", "merge_and_unload", "unload", "TRAINABLE_HEADS"]
@@ -259,8 +259,3 @@ def unload(model: nn.Module) -> nn.Module:
     _remove(inner, state)
     return model
 
-
-def _delta_dtype_of(model: nn.Module, state: AdapterState) -> torch.dtype:
-    for layer in adapted_modules(model).values():
-        return next(iter(layer.delta_parameters().values())).dtype
-    return resolve_delta_dtype(torch.float32, state.delta_dtype)
