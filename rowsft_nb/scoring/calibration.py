@@ -123,7 +123,7 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], index: int) -> torch.
         raise ScoringDataError(f"The model returned no loss for batch {index}: gradient metrics "
                                "need batches with 'labels' the model computes a loss from.")
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise FloatingPointError(f"The loss of batch {index} is {float(loss)}: scores would be "
+        raise FloatingPointError(f"The loss of batch {index} is {float(loss.detach())}: scores would be "
                                  "NaN. Check the labels, the dtype (fp16 overflow?) and the weights.")
     return loss
 

@@ -29,12 +29,12 @@ def _import_tp():
 
 
 def _single_layer_group(tp, module: nn.Module, name: str, pruning_fn, n: int):
-    from torch_pruning._helpers import GroupItem, _HybridIndex
+    from torch_pruning._helpers import GroupItem
     from torch_pruning.dependency import Dependency, Group, Node
 
     node = Node(module, None, name)
     dep = Dependency(pruning_fn, pruning_fn, node, node)
-    item = GroupItem(dep=dep, idxs=[_HybridIndex(idx=i, root_idx=i) for i in range(n)])
+    item = GroupItem(dep=dep, idxs=list(range(n)))
     item.root_idxs = list(range(n))
     group = Group()
     group._group.append(item)
