@@ -336,8 +336,11 @@ def test_budget_explorer_slider_updates_readouts_and_reverts_refusals(tmp_path):
     assert list(ex.coverage.data[0].y) == pytest.approx(
         [100 * ex.state.readout.coverage[k] for k in ex.state.layers])
     rowsft = ex._methods.index("rowsft")
+    scale = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "bytes": 1}[ex.memory.layout.yaxis.title.text]
     assert ex.memory.data[0].y[rowsft] == pytest.approx(
-        ex.state.readout.memory["rowsft"][ex._components[0]] / 2**30)
+        ex.state.readout.memory["rowsft"][ex._components[0]] / scale)
+    total = sum(ex.state.readout.memory["full"].values())
+    assert 1 <= total / scale < 1024                 # the unit fits the numbers
     ex.strategy.value = "topk"                   # refused while the unit is rows
     assert ex.strategy.value == "uniform" and "switch the unit" in ex.message.value
     ex.unit.value = "params"
@@ -370,6 +373,14 @@ def test_launch_refused_with_reasons():
         st.launch()
     st.set_plan(llama_plan(model))
     assert st.launch_problem() is None
+    budget = BudgetState(testing.synthetic_report(
+        {n: linear_shape(model.get_submodule(n)) for n in find_targets(model)}), percent=1)
+    st.set_plan(budget)                          # follows the budget's current plan
+    assert st.plan is budget.plan
+    budget.set_percent(30)
+    assert st.plan is budget.plan and st.plan.num_rows() > 0
+    with pytest.raises(ValueError, match="RowPlan or a BudgetExplorer"):
+        st.set_plan({"rows": {}})
     gone = LaunchState(model, llama_plan(model), lm_dataset(), device="cuda:7")
     assert "missing on this machine" in gone.launch_problem()
     with pytest.raises(ValueError, match="not available here"):
@@ -456,3 +467,4 @@ def test_training_launcher_buttons_drive_state():
     assert list(ui.curves.data[0].x) == [1, 2, 3, 4]
     assert ui.progress.value == 1.0 and not ui.save_button.disabled
     assert "4 steps" in ui.summary.value
+    assert not ui.launch_button.disabled and ui.reason.value == ""   # may train on

@@ -29,7 +29,7 @@ from ._common import (apply_or_message, human_bytes, human_count, layer_key, lay
 
 STRATEGIES = ("uniform", "per-type", "topk", "coverage")
 UNITS = ("rows", "params")
-UNIT_LABELS = {"rows": "% of rows", "params": "% of target params"}
+UNIT_LABELS = {"rows": "% of rows", "params": "% of params"}   # params of the target modules
 NORMALIZERS = ("rank", "mean", "max", "sum")
 # Which budget units each strategy understands.
 STRATEGY_UNITS = {"uniform": ("rows", "params"), "per-type": ("rows",),
@@ -319,7 +319,9 @@ class BudgetExplorer:
                                      description="budget %", continuous_update=True, style=wide,
                                      readout_format=".1f", layout=W.Layout(width="420px"))
         self.unit = W.ToggleButtons(options=[(UNIT_LABELS[u], u) for u in UNITS], value=s.unit,
-                                    description="unit", style={**wide, "button_width": "140px"})
+                                    description="unit", style={**wide, "button_width": "110px"},
+                                    tooltips=["share of the target modules' rows",
+                                              "share of the target modules' parameters"])
         self.strategy = W.Dropdown(options=list(STRATEGIES), value=s.strategy,
                                    description="strategy", style=wide)
         self.normalizer = W.Dropdown(options=list(NORMALIZERS), value=s.normalizer,
@@ -353,11 +355,11 @@ class BudgetExplorer:
         components = list(next(iter(st.readout.memory.values())))
         self.memory = go.FigureWidget(
             data=[go.Bar(name=c, x=[METHOD_LABELS.get(m, m) for m in methods]) for c in components],
-            layout=dict(barmode="stack", height=300, margin=dict(l=60, r=10, t=30, b=40),
-                        title="estimated training memory", yaxis_title="GiB"))
+            layout=dict(barmode="stack", height=300, width=520,
+                        margin=dict(l=60, r=10, t=40, b=40), title="estimated training memory"))
         self.coverage = go.FigureWidget(
             data=[go.Bar(x=[layer_label(k) for k in st.layers], marker_color="seagreen")],
-            layout=dict(height=300, margin=dict(l=50, r=10, t=30, b=60),
+            layout=dict(height=300, width=420, margin=dict(l=50, r=10, t=40, b=60),
                         title="importance covered per layer", yaxis=dict(title="%", range=[0, 100])))
         self._methods, self._components = methods, components
 
@@ -430,9 +432,13 @@ class BudgetExplorer:
         self.trainable.value = (f"trainable parameters: {r.trainable:,} "
                                 f"({r.percent_of_model:.3g}% of the model)")
         self.readout.value = (f"{self.state.summary_text()}<br><i>{self.state.message}</i>")
+        peak = max(sum(c.values()) for c in r.memory.values())
+        unit, scale = next((u, b) for u, b in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
+                                               ("bytes", 1)) if peak >= b or b == 1)
         with self.memory.batch_update():
+            self.memory.layout.yaxis.title = unit
             for trace, comp in zip(self.memory.data, self._components):
-                trace.y = [r.memory[m][comp] / 2**30 for m in self._methods]
+                trace.y = [r.memory[m][comp] / scale for m in self._methods]
                 trace.hovertemplate = [f"{comp}: {human_bytes(r.memory[m][comp])}<extra></extra>"
                                        for m in self._methods]
         with self.coverage.batch_update():

@@ -94,7 +94,8 @@ class ImportanceState:
         self.log_scale = False
         self.order = "index"
         self.types = self.available_types()
-        self.module: str | None = None
+        self.module: str | None = reports[self.metric].modules[0] if \
+            reports[self.metric].modules else None
         self.plan: RowPlan | None = None
         self._normalized: dict[tuple[str, str], ImportanceReport] = {}
         if plan is not None:
@@ -333,11 +334,12 @@ class ImportanceExplorer:
             data=[go.Scatter(mode="lines", name="score", line=dict(width=1)),
                   go.Scatter(mode="markers", name="selected rows",
                              marker=dict(color="crimson", size=5, symbol="line-ns-open"))],
-            layout=dict(height=260, margin=dict(l=50, r=10, t=30, b=40),
+            layout=dict(height=280, width=520, margin=dict(l=50, r=10, t=40, b=40),
+                        legend=dict(orientation="h", y=-0.25), title_font_size=12,
                         title="click a heatmap cell for a module's profile",
                         xaxis_title="neuron", yaxis_title="score"))
         self.conc = go.FigureWidget(layout=dict(
-            height=300, margin=dict(l=50, r=10, t=30, b=40),
+            height=280, width=420, margin=dict(l=50, r=10, t=40, b=40), showlegend=False,
             title="importance concentration per layer",
             xaxis_title="top fraction of neurons", yaxis_title="share of importance"))
         self.heat.data[0].on_click(self._on_click)

@@ -43,7 +43,8 @@ class LaunchState:
 
     Usage::
 
-        state = LaunchState(model, plan, dataset, eval_dataset=eval_ds)
+        state = LaunchState(model, plan, dataset, eval_dataset=eval_ds)   # plan: RowPlan or
+                                                                          # a BudgetExplorer
         state.set_lr(1e-3); state.set_steps(200)
         state.launch_problem()          # None, or why Launch is disabled
         state.launch(); ...; state.stop(); state.wait()
@@ -51,7 +52,7 @@ class LaunchState:
         state.save("out/adapter")
     """
 
-    def __init__(self, model: nn.Module, plan: RowPlan | None, dataset, *, eval_dataset=None,
+    def __init__(self, model: nn.Module, plan, dataset, *, eval_dataset=None,
                  tokenizer=None, task: str | None = None, lr: float = 1e-4, steps: int = 100,
                  epochs: float = 1.0, mode: str = "steps", batch_size: int = 8,
                  device: str | None = None, logging_steps: int = 1,
@@ -60,7 +61,9 @@ class LaunchState:
         from ..train import list_devices
 
         self.model = model
-        self.plan = plan
+        self._plan: RowPlan | None = None
+        self._plan_source = None
+        self.set_plan(plan)
         self.dataset = dataset
         self.eval_dataset = eval_dataset
         self.tokenizer = tokenizer
@@ -142,10 +145,22 @@ class LaunchState:
                              f"{self.device_ids}")
         self.device = device
 
-    def set_plan(self, plan: RowPlan | None) -> None:
-        """Train another plan (e.g. ``budget_explorer.plan`` after moving its sliders)."""
-        self._require_idle("the plan")
-        self.plan = plan
+    def set_plan(self, plan) -> None:
+        """The plan to train: a RowPlan, or a ``BudgetExplorer``/``BudgetState`` whose
+        current ``.plan`` is read at every Launch (so moving its sliders is enough)."""
+        if getattr(self, "status", IDLE) in (RUNNING, STOPPING):
+            raise ValueError("Cannot change the plan while training runs; press Stop first")
+        if plan is None or isinstance(plan, RowPlan):
+            self._plan, self._plan_source = plan, None
+        elif isinstance(getattr(plan, "plan", None), RowPlan):
+            self._plan, self._plan_source = None, plan
+        else:
+            raise ValueError(f"plan must be a RowPlan or a BudgetExplorer, got "
+                             f"{type(plan).__name__}; make one with rowsft_nb.select(report, budget)")
+
+    @property
+    def plan(self) -> RowPlan | None:
+        return self._plan_source.plan if self._plan_source is not None else self._plan
 
     @property
     def device_ids(self) -> list[str]:
@@ -154,7 +169,8 @@ class LaunchState:
     # ------------------------------------------------------------------ launching
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True from launch() until the run has ended (finished, stopped or failed)."""
+        return self.status in (RUNNING, STOPPING)
 
     def launch_problem(self) -> str | None:
         """Why Launch is refused right now, or None when it may start."""
@@ -196,6 +212,8 @@ class LaunchState:
         problem = self.launch_problem()
         if problem:
             raise ValueError(problem)
+        if self._thread is not None:
+            self._thread.join()       # the previous run already ended; let its thread exit
         if adapter_state(self.model) is None:
             inject(self.model, self.plan)
         with self._lock:
@@ -330,7 +348,7 @@ class TrainingLauncher:
     Usage: ``TrainingLauncher(model, plan, dataset, eval_dataset=..., tokenizer=...)``.
     """
 
-    def __init__(self, model: nn.Module, plan: RowPlan | None, dataset, *,
+    def __init__(self, model: nn.Module, plan, dataset, *,
                  adapter_dir: str = "adapter", **state_kwargs: Any) -> None:
         import ipywidgets as W
         import plotly.graph_objects as go
@@ -372,7 +390,7 @@ class TrainingLauncher:
                              marker=dict(size=7, symbol="diamond"))],
             layout=dict(height=320, margin=dict(l=50, r=50, t=30, b=40), title="training",
                         xaxis_title="step", yaxis_title="loss",
-                        yaxis2=dict(title="eval", overlaying="y", side="right")))
+                        yaxis2=dict(title="eval", overlaying="y", side="right", visible=False)))
 
         setters = {self.lr: st.set_lr, self.mode: st.set_mode, self.steps: st.set_steps,
                    self.epochs: st.set_epochs, self.batch_size: st.set_batch_size,
@@ -407,14 +425,24 @@ class TrainingLauncher:
         color = "#b00" if error else "#060"
         self.reason.value = f"<span style='color:{color}'>{text}</span>" if text else ""
 
+    # Redraw live curves at most this often: a tiny model logs hundreds of steps a second
+    # and every redraw sends the whole series to the browser.
+    min_redraw_s = 0.25
+    _problem_shown: str | None = None
+    _last_redraw = 0.0
+
     def _on_event(self, event: str) -> None:
+        now = time.perf_counter()
+        if event == "log" and now - self._last_redraw < self.min_redraw_s:
+            return
+        self._last_redraw = now
         self.update_view(curves=event in ("log", "evaluate", "end"))
 
     def update_view(self, curves: bool = True) -> None:
         """Push the state into the buttons, progress bar, text and curves."""
         st = self.state
         problem = st.launch_problem()
-        running = st.running and st.status in (RUNNING, STOPPING)
+        running = st.running
         self.launch_button.disabled = problem is not None
         self.launch_button.tooltip = problem or "start training"
         self.stop_button.disabled = not running or st.status == STOPPING
@@ -422,10 +450,14 @@ class TrainingLauncher:
             w.disabled = running
         self.steps.layout.display = "" if st.mode == "steps" else "none"
         self.epochs.layout.display = "" if st.mode == "epochs" else "none"
-        if problem and not running and not self.reason.value.startswith("<span style='color:#060"):
+        # The reason Launch is disabled stays visible; it goes away once the problem does.
+        if problem and not running:
             self._show(problem)
-        elif not problem and "Launch" not in (self.reason.value or "") and not running:
-            pass
+            self._problem_shown = problem
+        elif self._problem_shown is not None:
+            if self._problem_shown in self.reason.value:
+                self._show("")
+            self._problem_shown = None
         self.progress.value = st.progress
         total = f"/{st.total_steps}" if st.total_steps else ""
         self.status.value = f"{st.status}: step {st.step}{total}"
@@ -444,6 +476,8 @@ class TrainingLauncher:
                 self.curves.data[1].x = [s for s, m in evals if key in m]
                 self.curves.data[1].y = [m[key] for s, m in evals if key in m]
                 self.curves.data[1].name = f"eval {key}" if key else "eval"
+                self.curves.layout.yaxis2.visible = bool(evals)
+                self.curves.layout.yaxis2.title = f"eval {key}" if key else "eval"
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
