@@ -184,6 +184,8 @@ def test_explorers_in_jupyterlab(jupyter_lab):
             n_after = int(after.split(":")[1].split("(")[0].replace(",", ""))
             assert n_after > n_before, (before, after)   # moved right = bigger budget
             _shot(page, "2-budget-moved")
+            page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+            _shot(page, "2b-budget-charts")
 
             page.locator(".js-plotly-plot").nth(2).scroll_into_view_if_needed()
             _shot(page, "3-importance")

@@ -191,9 +191,14 @@ def test_importance_explorer_controls_drive_state():
     ex.metric.value = "b"
     assert ex.state.metric == "b"
     assert len(ex.conc.data) == 3                # one curve per layer
-    ex.state.select_cell(0, 0)
-    ex._draw_profile()
+    from plotly.callbacks import Points
+    # plotly.js reports a heatmap click as pointNumber [row, col]
+    ex._on_click(ex.heat.data[0], Points(point_inds=[[2, 5]], xs=[5], ys=["layer 2"],
+                                         trace_name="", trace_index=0), None)
+    assert ex.state.module == "model.layers.2.mlp.up_proj"
     assert len(ex.prof.data[0].y) == 24 and "rows selected" in ex.prof.layout.title.text
+    marked = ex.state.plan.rows["model.layers.2.mlp.up_proj"].tolist()
+    assert list(ex.prof.data[1].x) == marked
 
 
 # ---------------------------------------------------------------------------- budget
