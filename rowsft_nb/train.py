@@ -401,6 +401,12 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
     finally:
         hf_logging.set_verbosity(verbosity)
     trainer.nan_guard = nan_guard
+    if is_cls:
+        # Classification heads return a plain batch mean and ignore num_items_in_batch, yet
+        # Trainer (models whose forward takes **kwargs) then skips the 1/grad_accum scaling
+        # and multiplies the loss by the number of processes: gradients grad_accum or
+        # world_size times too large. Tell it the loss does not take those kwargs.
+        trainer.model_accepts_loss_kwargs = False
     if not progress_bar:  # no per-log prints either: observers and history carry the logs
         trainer.remove_callback(PrinterCallback)
 

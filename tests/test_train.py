@@ -265,3 +265,14 @@ def test_bad_arguments_name_the_fix():
         train(adapted_bert(), cls_dataset(), **{**FAST, "device": "cuda:1"})
     with pytest.raises(ValueError, match="task must be"):
         train(adapted_bert(), cls_dataset(), task="regression", **FAST)
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    """batch 4 x 2 accumulation steps == batch 8 (Trainer would otherwise not divide a
+    classifier's mean loss by the accumulation steps)."""
+    ds = cls_dataset()
+    kw = {**FAST, "train_sampling_strategy": "sequential", "max_grad_norm": 1.0}
+    accumulated, big = adapted_bert(), adapted_bert()
+    train(accumulated, ds, lr=1e-2, max_steps=4, **{**kw, "batch_size": 4}, grad_accum=2)
+    train(big, ds, lr=1e-2, max_steps=4, **{**kw, "batch_size": 8})
+    assert_states_close(trainable_state(accumulated), trainable_state(big), atol=1e-5)
