@@ -18,6 +18,7 @@ from .scoring import METRICS, ImportanceReport, score
 from .selection import FixedRows, ParamBudget, Ratio, TypeRatios, budget_from_dict, select
 from .targets import find_targets
 from .train import TrainingObserver, TrainResult, list_devices, pick_device, train
+from .widgets import BudgetExplorer, ImportanceExplorer, TrainingLauncher
 
 __all__ = [
     "__version__",
@@ -30,4 +31,6 @@ __all__ = [
     "inject", "RowSparseLinear", "trainable_parameters", "train", "TrainResult",
     "TrainingObserver", "pick_device", "list_devices", "save_adapter", "load_adapter",
     "merge", "unmerge", "merge_and_unload", "unload",
+    # notebook explorers (state objects: rowsft_nb.widgets.*State)
+    "ImportanceExplorer", "BudgetExplorer", "TrainingLauncher",
 ]
