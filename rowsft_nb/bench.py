@@ -407,34 +407,35 @@ class BenchConfig:
     mem_seq: int = 64
     smollm_mem_batch: int = 4
     smollm_mem_seq: int = 64
-    time_repeats: int = 7
+    time_repeats: int = 5
+    smollm_time_repeats: int = 3
     calib_samples: int = 32
     acc_seeds: tuple[int, ...] = (0, 1, 2)
-    acc_steps: int = 120
+    acc_steps: int = 40
     acc_batch: int = 16
-    acc_max_length: int = 64
-    acc_n_train: int = 1500
-    acc_n_eval: int = 500
+    acc_max_length: int = 48
+    acc_n_train: int = 1000
+    acc_n_eval: int = 300
     acc_methods: tuple[str, ...] = ("rowsft_taylor", "rowsft_l2", "rowsft_random", "columns",
                                     "lora", "full", "head")
     lm_task: str = "chat_qa"
-    lm_steps: int = 30
-    lm_batch: int = 8
+    lm_steps: int = 15
+    lm_batch: int = 4
     lm_max_length: int = 64
-    lm_n_train: int = 400
-    lm_n_eval: int = 100
+    lm_n_train: int = 200
+    lm_n_eval: int = 64
     smollm: bool = True
     scoring: bool = True
     interactive: bool = True
     interactive_repeats: int = 7
-    lr_adapter: float = 1e-3
-    lr_full: float = 5e-5
-    lm_lr: float = 2e-4
+    lr_adapter: float = 2e-3
+    lr_full: float = 1e-4
+    lm_lr: float = 5e-4
 
     @classmethod
     def quick(cls) -> "BenchConfig":
         return cls(time_repeats=3, calib_samples=16, acc_seeds=(0,), acc_steps=25,
-                   acc_n_train=400, acc_n_eval=200,
+                   acc_n_train=300, acc_n_eval=100,
                    acc_methods=("rowsft_taylor", "rowsft_random", "lora", "head"),
                    smollm=False, interactive_repeats=3)
 
@@ -463,14 +464,15 @@ def _pad_batch(batch: dict[str, torch.Tensor], seq: int, pad_id: int) -> dict[st
 
 
 def memory_and_speed(name: str, base: nn.Module, batch: dict[str, torch.Tensor],
-                     plan: RowPlan, column_plan: RowPlan, cfg: BenchConfig) -> dict[str, Any]:
+                     plan: RowPlan, column_plan: RowPlan, cfg: BenchConfig,
+                     repeats: int | None = None) -> dict[str, Any]:
     """Memory by component and step time of every method on copies of ``base``."""
     rows: dict[str, Any] = {}
     for method in METHODS:
         model = prepare_method(copy.deepcopy(base), method, plan, column_plan,
                                lora_rank=cfg.lora_rank)
         mem = measure_memory(model, batch, method)
-        timing = step_time(model, batch, method=method, repeats=cfg.time_repeats)
+        timing = step_time(model, batch, method=method, repeats=repeats or cfg.time_repeats)
         rows[method] = {**mem.to_dict(), "step": timing}
         _log(f"{name} {method:10s} total {mem.total / MiB:8.1f} MiB  saved {mem.saved / MiB:7.1f}"
              f"  peak {mem.step_peak / MiB:7.1f}  step {timing['median_s'] * 1e3:7.1f} ms  "
@@ -534,7 +536,8 @@ def _smollm_memory(cfg: BenchConfig) -> dict[str, Any]:
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     report = score(base, [batch], metric="taylor", progress=False)
     plan, column_plan = matched_plans(report, cfg.lora_rank)
-    return memory_and_speed("SmolLM2-135M-Instruct (fp32)", base, batch, plan, column_plan, cfg)
+    return memory_and_speed("SmolLM2-135M-Instruct (fp32)", base, batch, plan, column_plan, cfg,
+                            repeats=cfg.smollm_time_repeats)
 
 
 def _load_bench_module(name: str):
@@ -587,7 +590,7 @@ def _interactive_cost(cfg: BenchConfig) -> dict[str, Any]:
     return out
 
 
-_THREADS = [2]
+_THREADS = [1]
 
 
 def _accuracy_minilm(cfg: BenchConfig) -> dict[str, Any]:
@@ -619,7 +622,8 @@ def _accuracy_minilm(cfg: BenchConfig) -> dict[str, Any]:
             lr = cfg.lr_full if method == "full" else cfg.lr_adapter
             res = train(model, data.train, eval_dataset=data.validation, tokenizer=tok, lr=lr,
                         max_steps=cfg.acc_steps, batch_size=cfg.acc_batch, eval_batch_size=64,
-                        seed=seed, device="cpu", progress_bar=False, logging_steps=10)
+                        seed=seed, device="cpu", progress_bar=False, logging_steps=10,
+                        evaluate_before=seed == cfg.acc_seeds[0])
             row = {"seed": seed, "accuracy": res.metrics_after.get("accuracy"),
                    "accuracy_before": res.metrics_before.get("accuracy"),
                    "trainable_parameters": res.trainable_parameters, "seconds": res.seconds,
@@ -674,7 +678,7 @@ def _loss_smollm(cfg: BenchConfig) -> dict[str, Any]:
             "lora_rank": cfg.lora_rank, "seed": 0, "methods": out}
 
 
-def run(quick: bool = False, threads: int = 2, parts: Iterable[str] | None = None,
+def run(quick: bool = False, threads: int = 1, parts: Iterable[str] | None = None,
         cfg: BenchConfig | None = None, command: str = "") -> dict[str, Any]:
     """Run the benchmark parts (``memory``, ``scoring``, ``interactive``, ``accuracy``) and
     return one results dict (what ``benchmarks/results/bench*.json`` holds).
@@ -785,29 +789,31 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"  [{'met' if g['met'] else 'NOT met'}] {g['where']}: {g['goal']}: {g['measured']}")
 
 
-def main(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``rowsft-nb bench`` (``args`` from the CLI's parser, or an argv list).
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Entry point of ``rowsft-nb bench`` (an argv list from the CLI, or parsed args);
+    writes the results JSON, prints the tables, returns the exit code 0.
 
     >>> main(["--quick", "--parts", "memory"])
     """
+    argv = list(args) if isinstance(args, list) else None
     if args is None or isinstance(args, list):
         args = build_parser().parse_args(args)
     quick = bool(getattr(args, "quick", False))
-    threads = int(getattr(args, "threads", None) or 2)
+    threads = int(getattr(args, "threads", None) or 1)
     parts = getattr(args, "parts", None)
     if isinstance(parts, str):
         parts = [p for p in parts.split(",") if p]
     out = getattr(args, "out", None)
     out = Path(out) if out else RESULTS_DIR / ("bench_quick.json" if quick else "bench.json")
-    command = "rowsft-nb bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else
-                                          (["--quick"] if quick else []))
-    res = run(quick=quick, threads=threads, parts=parts, command=command.strip())
+    shown = argv if argv is not None else (["--quick"] if quick else [])
+    command = " ".join(["rowsft-nb bench", *shown])
+    res = run(quick=quick, threads=threads, parts=parts, command=command)
     from ._io import write_json
 
     write_json(out, res)
     print_summary(res)
     print(f"\nwrote {out} ({res['seconds']['total']} s)")
-    return res
+    return 0
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -815,7 +821,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     ``parser`` when given (the CLI's subparser)."""
     p = parser or argparse.ArgumentParser(prog="rowsft-nb bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few minutes: MiniLM only, 1 seed")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: stable timings on a shared machine)")
     p.add_argument("--parts", default=None,
                    help="comma list of memory,scoring,interactive,accuracy (default all)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/)")
