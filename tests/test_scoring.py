@@ -254,6 +254,20 @@ def test_hook_path_equals_naive_grad_path(arch, metric):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_checkpointing_does_not_change_scores(arch):
+    model = f64(arch)
+    batches = testing.random_batches(model, n=2, batch_size=2, seq_len=8)
+    for metric in ("taylor", "hessian"):
+        a = run(model, batches, metric, checkpoint=True)
+        b = run(model, batches, metric, checkpoint=False)
+        assert a.meta["checkpoint"] and not b.meta["checkpoint"]
+        for n in a.scores:
+            torch.testing.assert_close(a.scores[n], b.scores[n], rtol=1e-9, atol=1e-12)
+    from rowsft_nb.scoring.calibration import find_blocks
+    assert len(find_blocks(model, find_targets(model))) == 2
+
+
 def test_hook_path_allocates_less_than_naive():
     """Sanity bound (exact profiler bytes): no weight-gradient buffers on the hook path."""
     model = testing.tiny_llama(hidden=128, layers=2)
@@ -421,6 +435,7 @@ def snapshot(model):
         "flags": [p.requires_grad for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "modes": [m.training for m in model.modules()],
+        "forwards": [m.__dict__.get("forward") for m in model.modules()],
         "hooks": [sum(len(getattr(m, d)) for d in ("_forward_hooks", "_forward_pre_hooks",
                                                    "_backward_hooks", "_backward_pre_hooks"))
                   for m in model.modules()],
@@ -432,6 +447,7 @@ def assert_same(model, before):
     assert after["flags"] == before["flags"]
     assert after["modes"] == before["modes"]
     assert after["hooks"] == before["hooks"]
+    assert after["forwards"] == before["forwards"]      # checkpoint wrappers removed
     for a, b in zip(after["grads"], before["grads"]):
         assert (a is None and b is None) or torch.equal(a, b)
     for k, v in before["state"].items():

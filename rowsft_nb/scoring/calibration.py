@@ -155,8 +155,11 @@ class StatsCollector:
 
     def __init__(self, modules: Mapping[str, nn.Module], needs: Iterable[str], seed: int = 0,
                  num_classes: int | None = None, zo_eps: float = 1e-3,
-                 zo_perturbations: int = 1) -> None:
+                 zo_perturbations: int = 1, checkpoint_blocks: Iterable[nn.Module] = ()
+                 ) -> None:
         self.modules = dict(modules)
+        self.checkpoint_blocks = list(checkpoint_blocks)
+        self._saved_forwards: list[tuple[nn.Module, Any]] = []
         self.needs = frozenset(needs)
         self.seed = seed
         self.num_classes = num_classes
@@ -176,7 +179,6 @@ class StatsCollector:
         self._mask: torch.Tensor | None = None
         self._zo: tuple[int, int] | None = None  # (sign, seed) while a ZO forward runs
         self._zo_dirs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._error: BaseException | None = None
         self.class_counts = torch.zeros(num_classes or 1, dtype=torch.int64)
 
     @property
@@ -185,6 +187,10 @@ class StatsCollector:
 
     # ---------------------------------------------------------------- hook management
     def attach(self) -> None:
+        if self.needs_gradients:
+            for block in self.checkpoint_blocks:
+                self._saved_forwards.append((block, block.__dict__.get("forward")))
+                block.forward = _checkpointed(block.forward)
         for name, module in self.modules.items():
             if self.needs_gradients:
                 self._handles.append(module.register_forward_pre_hook(_input_requires_grad))
@@ -194,6 +200,12 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for block, previous in reversed(self._saved_forwards):
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous
+        self._saved_forwards.clear()
 
     # ---------------------------------------------------------------- one batch
     def run_batch(self, model: nn.Module, batch: Mapping[str, Any], index: int) -> None:
@@ -208,14 +220,12 @@ class StatsCollector:
             with torch.enable_grad():
                 loss = batch_loss(model, batch, index)
                 loss.backward()
-            self._raise_hook_error()
             self._end_gradient_batch(index)
         elif "zo" in self.needs:
             self._zo_batch(model, batch, index)
         else:
             with torch.no_grad():
                 model(**forward_kwargs(model, batch))
-            self._raise_hook_error()
         for st in self.stats.values():
             st.n_batches += 1
         self.n_samples += size
@@ -297,11 +307,6 @@ class StatsCollector:
                 "gradients overflowed or are NaN. Use float32 weights, smaller inputs, or a "
                 "forward-only metric such as 'wanda'.")
 
-    def _raise_hook_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, name: str):
         module = self.modules[name]
@@ -316,8 +321,9 @@ class StatsCollector:
             if self._zo is not None:
                 return self._perturb(name, module, x, output)
             if self.needs_gradients and output.requires_grad:
-                version = x._version
-                output.register_hook(lambda dy: self._on_output_grad(name, module, x, version, dy))
+                # the tap saves x through autograd (so block checkpointing can drop and
+                # recompute it) and receives dy in its backward
+                return _GradientTap.apply(output, x.detach(), self, name)
             return None
 
         return hook
@@ -332,20 +338,10 @@ class StatsCollector:
             st = self.stats[name]
             st.input_sq = _add(st.input_sq, sq)
 
-    def _on_output_grad(self, name: str, module: nn.Module, x: torch.Tensor, version: int,
-                        dy: torch.Tensor) -> None:
-        if self._error is not None:
-            return None
-        try:
-            if x._version != version:
-                raise RuntimeError(f"The input of {name!r} was modified in place after its "
-                                   "forward, so hook-based scores would be wrong; use "
-                                   "score(..., method='naive') for this model.")
-            with torch.no_grad():
-                self._accumulate_gradient(name, module, x, dy)
-        except BaseException as err:  # re-raised after backward, with the model restored
-            self._error = err
-        return None
+    def on_output_grad(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
+        """Called from the tap's backward with the module input and dL/d(output)."""
+        with torch.no_grad():
+            self._accumulate_gradient(name, self.modules[name], x, dy)
 
     def _accumulate_gradient(self, name: str, module: nn.Module, x: torch.Tensor,
                              dy: torch.Tensor) -> None:
@@ -401,7 +397,6 @@ class StatsCollector:
                         losses.append(batch_loss(model, batch, index))
                     finally:
                         self._zo = None
-                    self._raise_hook_error()
                 coeff = (losses[0] - losses[1]) / (2 * self.zo_eps)
                 for name, (rows, cols) in self._zo_dirs.items():
                     st = self.stats[name]
@@ -426,6 +421,56 @@ class StatsCollector:
             wz = w.to(accumulation_dtype(w)) * z.to(accumulation_dtype(w))
             self._zo_dirs[name] = (wz.sum(1), wz.sum(0))
         return output + (sign * self.zo_eps) * (x @ z.t())
+
+
+class _GradientTap(torch.autograd.Function):
+    """Identity on a target's output whose backward hands (input, dL/doutput) to the
+    collector. The input is saved with ``save_for_backward``, so autograd checks it was not
+    modified in place, and a checkpointed block recomputes it instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, x: torch.Tensor, collector: "StatsCollector",
+                name: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.collector, ctx.name = collector, name
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        ctx.collector.on_output_grad(ctx.name, x, dy)
+        return dy, None, None, None
+
+
+def _checkpointed(forward):
+    """``forward`` run under non-reentrant activation checkpointing when grad is on: the
+    block keeps only its inputs and recomputes the rest during backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def find_blocks(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    """The repeated blocks (children of the outermost ``nn.ModuleList``s) that hold targets,
+    e.g. LLaMA's ``model.layers.N``; used for activation checkpointing while scoring."""
+    names = list(names)
+    blocks: list[nn.Module] = []
+    chosen: list[str] = []
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    for list_name, module_list in sorted(lists, key=lambda item: item[0].count(".")):
+        if any(list_name.startswith(c + ".") for c in chosen):
+            continue
+        for i, child in enumerate(module_list):
+            prefix = f"{list_name}.{i}." if list_name else f"{i}."
+            if any(n.startswith(prefix) for n in names):
+                blocks.append(child)
+                chosen.append(prefix[:-1])
+    return blocks
 
 
 def _input_requires_grad(module: nn.Module, args: tuple) -> tuple | None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..targets import TargetSpec, find_targets, linear_shape, model_fingerprint, row_weight
-from .calibration import StatsCollector, iter_batches
+from .calibration import StatsCollector, find_blocks, iter_batches
 from .groups import DependencyGroup, apply_groups, find_groups
 from .metrics import GRADIENT_STATS, METRICS, FunctionMetric, ModuleStats, get_metric
 from .naive import NaiveGradientCollector
@@ -33,7 +33,8 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
           groups: str | Sequence[DependencyGroup] | None = None, group_reduce: str = "sum",
           seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
           columns: bool = True, method: str = "hooks", backend: str = "native",
-          zo_eps: float = 1e-3, zo_perturbations: int = 1) -> ImportanceReport:
+          zo_eps: float = 1e-3, zo_perturbations: int = 1, checkpoint: bool = True
+          ) -> ImportanceReport:
     """Score every output neuron (row) of the target Linear/Conv1D modules.
 
     ``data``: iterable of batch dicts (a DataLoader or a list); gradient metrics need
@@ -44,6 +45,8 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
     ``device``: where to score (the model is moved there and back); default: the model's.
     ``method="naive"``: the ``.grad``-based reference for taylor/taylor_abs/fisher/hessian.
     ``backend="torch_pruning"``: Torch-Pruning's magnitude importance for l1/l2.
+    ``checkpoint``: on the hook path, recompute each transformer block's activations in
+    backward instead of keeping them (less memory, about one extra forward pass).
     The model is left as found (weights, requires_grad, train/eval, hooks, .grad), also
     on error.
 
@@ -79,7 +82,7 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
         else:
             if needs:
                 collector = _collector(model, modules, needs, m, seed, method, zo_eps,
-                                       zo_perturbations)
+                                       zo_perturbations, checkpoint)
                 stats = _calibrate(model, data, collector, n_samples, run_device, needs,
                                    progress, getattr(m, "name", "metric"))
                 n_seen, n_tok = collector.n_samples, collector.n_tokens
@@ -108,6 +111,7 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
               "seed": seed, "targets": targets if isinstance(targets, str) or targets is None
               else list(targets), "exclude": exclude if isinstance(exclude, str) or exclude is None
               else list(exclude), "method": method if needs else "weights", "backend": backend,
+              "checkpoint": bool(checkpoint and method == "hooks" and needs & GRADIENT_STATS),
               "device": str(run_device), "groups": "auto" if groups == "auto" else
               ("custom" if groups is not None else None)})
     for name, s in report.scores.items():
@@ -126,7 +130,8 @@ def _module_seed(seed: int, index: int) -> int:
     return mix_seed(seed, index)
 
 
-def _collector(model, modules, needs, metric, seed, method, zo_eps, zo_perturbations):
+def _collector(model, modules, needs, metric, seed, method, zo_eps, zo_perturbations,
+               checkpoint):
     if method == "naive":
         return NaiveGradientCollector(modules, needs, seed)
     num_classes = None
@@ -138,8 +143,9 @@ def _collector(model, modules, needs, metric, seed, method, zo_eps, zo_perturbat
             raise ValueError(f"class_taylor needs a classifier with class labels "
                              f"(…ForSequenceClassification); {type(model).__name__} has none. "
                              "Use metric='taylor'.")
+    blocks = find_blocks(model, modules) if checkpoint else []
     return StatsCollector(modules, needs, seed=seed, num_classes=num_classes, zo_eps=zo_eps,
-                          zo_perturbations=zo_perturbations)
+                          zo_perturbations=zo_perturbations, checkpoint_blocks=blocks)
 
 
 def _calibrate(model, data, collector, n_samples, device, needs, progress, label):
