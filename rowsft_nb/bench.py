@@ -53,7 +53,8 @@ from .targets import is_conv1d, linear_shape
 
 __all__ = ["METHODS", "OneHotRowLinear", "apply_onehot", "apply_dense_mask", "apply_lora",
            "apply_full", "apply_floor", "prepare_method", "build_methods", "MemoryBreakdown",
-           "measure_memory", "step_time", "matched_plans", "machine_info", "run", "main"]
+           "measure_memory", "step_time", "matched_plans", "machine_info", "run", "main",
+           "goals", "to_markdown", "BenchConfig", "memory_and_speed"]
 
 METHODS = ("floor", "rowsft", "columns", "lora", "full", "dense_mask", "onehot")
 MiB = 1 << 20
@@ -787,6 +788,54 @@ def print_summary(res: dict[str, Any]) -> None:
             print(f"  causal LM {name:<7} loss {s['loss_before']:.4f} -> {s['loss_after']:.4f}")
     for g in res.get("goals", []):
         print(f"  [{'met' if g['met'] else 'NOT met'}] {g['where']}: {g['goal']}: {g['measured']}")
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    """Markdown tables of a results dict (memory/speed, accuracy, causal LM, goals), as
+    pasted into docs/benchmarks.md. ``>>> print(to_markdown(res))``"""
+    lines: list[str] = []
+    for key, m in res.get("memory", {}).items():
+        lines += [f"**{m['model']}**, batch {m['batch_size']} x {m['seq_len']} tokens, fp32, "
+                  f"AdamW; budget = LoRA rank {m['lora_rank']} on {m['plan']['modules']} modules "
+                  f"({m['plan']['rows']} rows, {m['plan']['trainable']:,} parameters; column plan "
+                  f"{m['plan']['columns']} columns, {m['plan']['column_trainable']:,}). MiB:", "",
+                  "| method | trainable params | weights | trainable | grads | AdamW | saved for bwd "
+                  "| step peak | total | overhead | step ms | x LoRA | x floor |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in m["methods"].items():
+            lines.append(
+                f"| {name} | {r['trainable_parameters']:,} | {r['weights'] / MiB:.1f} | "
+                f"{r['trainable'] / MiB:.2f} | {r['gradients'] / MiB:.2f} | "
+                f"{r['optimizer'] / MiB:.2f} | {r['saved'] / MiB:.1f} | {r['step_peak'] / MiB:.1f} | "
+                f"{r['total'] / MiB:.1f} | {r['overhead'] / MiB:.1f} | "
+                f"{r['step']['median_s'] * 1e3:.0f} | {r['step_ratio_lora']:.2f} | "
+                f"{r['step_ratio_floor']:.2f} |")
+        lines.append("")
+    acc = res.get("accuracy")
+    if acc:
+        lines += [f"**Accuracy**, {acc['task']} ({acc['n_eval']} {acc['split']} examples), "
+                  f"{acc['model']}, {acc['n_train']} train examples, max_length {acc['max_length']}, "
+                  f"{acc['steps']} steps x batch {acc['batch_size']}, seeds {acc['seeds']}:", "",
+                  "| method | accuracy % (mean ± std) | trainable params |", "|---|---:|---:|"]
+        for name, s in acc["summary"].items():
+            lines.append(f"| {name} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
+                         f"{s['trainable_parameters']:,} |")
+        lines.append("")
+    lm = res.get("causal_lm")
+    if lm:
+        lines += [f"**Causal LM**, {lm['task']} with {lm['model']} ({lm['steps']} steps x batch "
+                  f"{lm['batch_size']}, {lm['n_eval']} validation examples, token loss):", "",
+                  "| method | loss before | loss after | trainable params |", "|---|---:|---:|---:|"]
+        for name, s in lm["methods"].items():
+            lines.append(f"| {name} | {s['loss_before']:.4f} | {s['loss_after']:.4f} | "
+                         f"{s['trainable_parameters']:,} |")
+        lines.append("")
+    if res.get("goals"):
+        lines += ["| goal | where | measured | limit | met |", "|---|---|---:|---:|---|"]
+        for g in res["goals"]:
+            lines.append(f"| {g['goal']} | {g['where']} | {g['measured']} | {g['limit']} | "
+                         f"{'yes' if g['met'] else '**no**'} |")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:

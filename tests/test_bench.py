@@ -138,6 +138,12 @@ def test_every_method_on_tiny_bert_and_step_time():
         assert r["step"]["median_s"] > 0
     assert res["ratios"]["rowsft_overhead_over_lora"] == pytest.approx(
         rows["rowsft"]["overhead"] / rows["lora"]["overhead"])
+    full = {"memory": {"tiny": res}}
+    full["goals"] = bench.goals(full)
+    assert len(full["goals"]) == 5
+    text = bench.to_markdown(full)
+    assert text.count("\n| ") >= len(bench.METHODS) + 5  # one table row per method + goals
+    assert f"| rowsft | {plan.trainable_parameters():,} |" in text
 
 
 def test_prepare_method_errors(llama_setup):
