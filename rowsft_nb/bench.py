@@ -412,19 +412,19 @@ class BenchConfig:
     smollm_time_repeats: int = 3
     calib_samples: int = 32
     acc_seeds: tuple[int, ...] = (0, 1, 2)
-    acc_steps: int = 40
+    acc_steps: int = 30
     acc_batch: int = 16
     acc_max_length: int = 48
     acc_n_train: int = 1000
-    acc_n_eval: int = 300
+    acc_n_eval: int = 200
     acc_methods: tuple[str, ...] = ("rowsft_taylor", "rowsft_l2", "rowsft_random", "columns",
                                     "lora", "full", "head")
     lm_task: str = "chat_qa"
-    lm_steps: int = 15
+    lm_steps: int = 10
     lm_batch: int = 4
     lm_max_length: int = 64
     lm_n_train: int = 200
-    lm_n_eval: int = 64
+    lm_n_eval: int = 32
     smollm: bool = True
     scoring: bool = True
     interactive: bool = True
@@ -469,9 +469,10 @@ def memory_and_speed(name: str, base: nn.Module, batch: dict[str, torch.Tensor],
                      repeats: int | None = None) -> dict[str, Any]:
     """Memory by component and step time of every method on copies of ``base``."""
     rows: dict[str, Any] = {}
+    lora_rank = max(1, round(plan.equivalent_lora_rank()))
     for method in METHODS:
         model = prepare_method(copy.deepcopy(base), method, plan, column_plan,
-                               lora_rank=cfg.lora_rank)
+                               lora_rank=lora_rank)
         mem = measure_memory(model, batch, method)
         timing = step_time(model, batch, method=method, repeats=repeats or cfg.time_repeats)
         rows[method] = {**mem.to_dict(), "step": timing}
@@ -500,7 +501,7 @@ def memory_and_speed(name: str, base: nn.Module, batch: dict[str, torch.Tensor],
     }
     shape = list(batch["input_ids"].shape)
     return {"model": name, "batch_size": shape[0], "seq_len": shape[1], "dtype": "float32",
-            "optimizer": "AdamW (weight_decay 0)", "lora_rank": cfg.lora_rank,
+            "optimizer": "AdamW (weight_decay 0)", "lora_rank": lora_rank,
             "plan": {"metric": plan.meta.get("metric"), "modules": len(plan.modules),
                      "rows": plan.num_rows(), "trainable": plan.trainable_parameters(),
                      "columns": sum(v.numel() for v in column_plan.columns.values()),
@@ -594,8 +595,29 @@ def _interactive_cost(cfg: BenchConfig) -> dict[str, Any]:
 _THREADS = [1]
 
 
-def _accuracy_minilm(cfg: BenchConfig) -> dict[str, Any]:
-    """movie_sentiment with MiniLM: every method through rowsft_nb.train, equal budgets."""
+def _accuracy_summary(cfg: BenchConfig, data, runs: dict[str, list[dict[str, Any]]]
+                      ) -> dict[str, Any]:
+    summary = {}
+    for method, rs in runs.items():
+        accs = [r["accuracy"] for r in rs]
+        if not accs:
+            continue
+        summary[method] = {"mean": statistics.fmean(accs),
+                           "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                           "n": len(accs), "trainable_parameters": rs[0]["trainable_parameters"]}
+    return {"task": "movie_sentiment", "model": "all-MiniLM-L6-v2", "max_length": cfg.acc_max_length,
+            "n_train": len(data.train), "n_eval": len(data.validation), "split": "validation",
+            "steps": cfg.acc_steps, "batch_size": cfg.acc_batch, "seeds": list(cfg.acc_seeds),
+            "lr": {"adapters_and_head": cfg.lr_adapter, "full": cfg.lr_full},
+            "lora_rank": cfg.lora_rank, "calibration_samples": cfg.calib_samples,
+            "note": "classifier head trains fully in every method; 'head' trains only it",
+            "runs": runs, "summary": summary}
+
+
+def _accuracy_minilm(cfg: BenchConfig, on_partial: Callable[[dict], None] | None = None
+                     ) -> dict[str, Any]:
+    """movie_sentiment with MiniLM: every method through rowsft_nb.train, equal budgets.
+    ``on_partial(result so far)`` is called after every run (seeds are the outer loop)."""
     from . import assets
     from .data import calibration_batches, prepare_task
     from .scoring import score
@@ -633,19 +655,9 @@ def _accuracy_minilm(cfg: BenchConfig) -> dict[str, Any]:
             _log(f"accuracy {method:14s} seed {seed}: {row['accuracy']:.4f} "
                  f"({row['trainable_parameters']:,} trainable, {res.seconds:.0f} s)")
             del model
-    summary = {}
-    for method, rs in runs.items():
-        accs = [r["accuracy"] for r in rs]
-        summary[method] = {"mean": statistics.fmean(accs),
-                           "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                           "n": len(accs), "trainable_parameters": rs[0]["trainable_parameters"]}
-    return {"task": "movie_sentiment", "model": "all-MiniLM-L6-v2", "max_length": cfg.acc_max_length,
-            "n_train": len(data.train), "n_eval": len(data.validation), "split": "validation",
-            "steps": cfg.acc_steps, "batch_size": cfg.acc_batch, "seeds": list(cfg.acc_seeds),
-            "lr": {"adapters_and_head": cfg.lr_adapter, "full": cfg.lr_full},
-            "lora_rank": cfg.lora_rank, "calibration_samples": cfg.calib_samples,
-            "note": "classifier head trains fully in every method; 'head' trains only it",
-            "runs": runs, "summary": summary}
+            if on_partial is not None:
+                on_partial({**_accuracy_summary(cfg, data, runs), "partial": True})
+    return _accuracy_summary(cfg, data, runs)
 
 
 def _loss_smollm(cfg: BenchConfig) -> dict[str, Any]:
@@ -680,9 +692,11 @@ def _loss_smollm(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def run(quick: bool = False, threads: int = 1, parts: Iterable[str] | None = None,
-        cfg: BenchConfig | None = None, command: str = "") -> dict[str, Any]:
+        cfg: BenchConfig | None = None, command: str = "",
+        partial_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the benchmark parts (``memory``, ``scoring``, ``interactive``, ``accuracy``) and
-    return one results dict (what ``benchmarks/results/bench*.json`` holds).
+    return one results dict (what ``benchmarks/results/bench*.json`` holds). With
+    ``partial_out``, the results so far are written there after every accuracy run.
 
     >>> res = run(quick=True, parts=["memory"])
     """
@@ -722,7 +736,13 @@ def run(quick: bool = False, threads: int = 1, parts: Iterable[str] | None = Non
         timings["interactive"] = time.perf_counter() - t
     if "accuracy" in parts:
         t = time.perf_counter()
-        res["accuracy"] = _accuracy_minilm(cfg)
+        def save_partial(acc: dict) -> None:
+            if partial_out is not None:
+                from ._io import write_json
+
+                write_json(partial_out, {**res, "accuracy": acc, "partial": True})
+
+        res["accuracy"] = _accuracy_minilm(cfg, save_partial)
         if cfg.smollm:
             res["causal_lm"] = _loss_smollm(cfg)
         timings["accuracy"] = time.perf_counter() - t
@@ -830,6 +850,45 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {name} | {s['loss_before']:.4f} | {s['loss_after']:.4f} | "
                          f"{s['trainable_parameters']:,} |")
         lines.append("")
+    sc = res.get("scoring", {})
+    if sc.get("smollm"):
+        s = sc["smollm"]
+        lines += [f"**Taylor scoring, hooks vs naive**, {s['model']}, {s['batches']} x "
+                  f"{s['batch_shape']} ({s['tokens']} tokens):", "",
+                  "| path | peak MiB | seconds |", "|---|---:|---:|",
+                  f"| hooks | {s['hooks']['peak_mib']} | {s['hooks']['seconds']} |",
+                  f"| naive | {s['naive']['peak_mib']} | {s['naive']['seconds']} |", "",
+                  f"hooks / naive: peak {s['peak_ratio_hooks_over_naive']}, time "
+                  f"{s['time_ratio_hooks_over_naive']}, max relative score difference "
+                  f"{s['max_relative_score_difference']:.1e}.", ""]
+    if sc.get("minilm"):
+        s = sc["minilm"]
+        lines += [f"**Scoring cost per metric**, {s['model']}, {s['batches']} x "
+                  f"{s['batch_shape']} ({s['tokens']} tokens); naive Taylor peak "
+                  f"{s['naive_taylor_peak_mib']} MiB:", "",
+                  "| metric | s / 1k tokens | peak MiB / 1k tokens | peak MiB | seconds |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in s["metrics"].items():
+            lines.append(f"| {name} | {r['seconds_per_1k_tokens']} | {r['peak_mib_per_1k_tokens']} "
+                         f"| {r['peak_mib']} | {r['seconds']} |")
+        lines.append("")
+    inter = res.get("interactive", {})
+    if inter.get("select"):
+        lines += ["**Plan rebuild at Llama-2-7B shapes** (`select()`, 224 modules, 1.36 M rows):",
+                  "", "| case | cold ms | warm median ms | warm max ms |", "|---|---:|---:|---:|"]
+        for r in inter["select"]["results"]:
+            lines.append(f"| {r['case']} | {r['cold_ms']:.1f} | {r['warm_median_ms']:.1f} | "
+                         f"{r['warm_max_ms']:.1f} |")
+        lines.append("")
+    if inter.get("budget_explorer"):
+        lines += ["**BudgetExplorer update at Llama-2-7B shapes** (slider move = state + readouts "
+                  "+ figures, no browser):", "",
+                  "| strategy | slider move ms (median) | state ms | figures ms |",
+                  "|---|---:|---:|---:|"]
+        for k, r in inter["budget_explorer"].items():
+            lines.append(f"| {k} | {r['slider_move_ms_median']} | {r['state_update_ms_median']} "
+                         f"| {r['figure_update_ms_median']} |")
+        lines.append("")
     if res.get("goals"):
         lines += ["| goal | where | measured | limit | met |", "|---|---|---:|---:|---|"]
         for g in res["goals"]:
@@ -856,7 +915,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     out = Path(out) if out else RESULTS_DIR / ("bench_quick.json" if quick else "bench.json")
     shown = argv if argv is not None else (["--quick"] if quick else [])
     command = " ".join(["rowsft-nb bench", *shown])
-    res = run(quick=quick, threads=threads, parts=parts, command=command)
+    res = run(quick=quick, threads=threads, parts=parts, command=command, partial_out=out)
     from ._io import write_json
 
     write_json(out, res)
