@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the full pipeline on MiniLM + movie-review sentiment "
                                        "(a few minutes on a laptop CPU)")
-    _add_pipeline_args(demo, out="outputs/demo-adapter", n_train=1600, n_eval=500, max_length=48,
+    _add_pipeline_args(demo, out="outputs/demo-adapter", n_train=1200, n_eval=400, max_length=48,
                        lr=2e-3, epochs=1, batch_size=16, calib=64)
     demo.set_defaults(func=cmd_demo)
 
