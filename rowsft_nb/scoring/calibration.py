@@ -8,15 +8,23 @@ a batch::
     sum_j w_ij G_ij = sum_t dy_ti (y_ti - b_i) = sum_t dy_ti (x_t W^T)_i      (rows)
     sum_i w_ij G_ij = sum_t x_tj (dy_t W)_j                                   (columns)
 
-Every parameter is frozen during the pass (``requires_grad=False``), a forward pre-hook
+Every parameter is frozen during the pass (``requires_grad=False``); a forward pre-hook
 turns a target's input into a leaf that requires grad when nothing upstream does (so the
-graph starts at the first target), a forward hook keeps the target's input ``x`` and puts
-a tensor hook on its output that receives ``dy``. No ``.grad`` buffer is ever allocated.
-``taylor``/``fisher``/``class_taylor`` then cost one ``[tokens, d_out]`` and one
-``[tokens, d_in]`` temporary per module; ``taylor_abs`` and ``hessian`` build the batch
+graph starts at the first target); a forward hook wraps the target's output in a "gradient
+tap" (an identity autograd function that saves the input ``x`` and whose backward receives
+``dy``). No ``.grad`` buffer is ever allocated. With ``checkpoint_blocks`` (the default in
+``score()``), each transformer block runs under non-reentrant activation checkpointing, so
+only block inputs stay alive between forward and backward and a block's activations
+(including the tapped ``x``) are recomputed in its backward: about one extra forward pass
+of time for most of the activation memory.
+
+Cost per metric, beyond one forward + input-gradient backward:
+``taylor``/``fisher``/``class_taylor``: one ``[tokens, d_out]`` and one ``[tokens, d_in]``
+temporary per module and two matmuls (``x W^T`` and ``dy W``); ``hessian``: the batch
 gradient ``G = dy^T x`` of one module at a time (a transient ``[d_out, d_in]``);
-``taylor_abs`` must also keep ``sum_b G`` for every target (the size of the target
-weights, in float32), since ``|w * sum_b G|`` cannot be reduced per batch.
+``taylor_abs``: the same plus ``sum_b G`` for every target (float32, the size of the target
+weights), since ``|w * sum_b G|`` cannot be reduced per batch. ``hessian`` treats each call
+of a module as its own batch term (HF models call each projection once per forward).
 
 ``zo_taylor`` runs forward passes only (``torch.no_grad``): per perturbation, a forward
 hook adds ``+-eps x Z^T`` to each target's output (the output of ``W +- eps Z``) with a
