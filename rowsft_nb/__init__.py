@@ -10,6 +10,7 @@ Data flows one way, one public function per arrow::
 """
 __version__ = "0.1.0"
 
+from .data import calibration_batches, prepare_task
 from .adapter import (RowSparseLinear, inject, load_adapter, merge, merge_and_unload,
                       save_adapter, trainable_parameters, unload, unmerge)
 from .memory import MemoryEstimate
@@ -22,6 +23,8 @@ from .widgets import BudgetExplorer, ImportanceExplorer, TrainingLauncher
 
 __all__ = [
     "__version__",
+    # data
+    "prepare_task", "calibration_batches",
     # model + data -> ImportanceReport
     "score", "ImportanceReport", "METRICS", "find_targets",
     # ImportanceReport -> RowPlan
