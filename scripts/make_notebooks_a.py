@@ -104,7 +104,7 @@ model + data --score()--> ImportanceReport --select()--> RowPlan --inject()--> a
 ```
 
 Here: all-MiniLM-L6-v2 (22.7 M parameters, embedded, no download) learns movie-review sentiment.
-A few minutes on a laptop CPU; with `ROWSFT_FAST=1` (what CI runs) well under one.
+A few minutes on a laptop CPU; with `ROWSFT_FAST=1` (what CI runs) about one.
 '''),
         code(SETUP),
         md('''
@@ -118,9 +118,9 @@ Tomatoes snippets labelled negative/positive; `prepare_task` tokenises and subsa
 from rowsft_nb.assets import load_encoder, load_task
 from rowsft_nb.data import prepare_task, calibration_batches
 
-N_TRAIN, N_EVAL = (256, 200) if FAST else (1600, 500)
+N_TRAIN, N_EVAL = (256, 128) if FAST else (1600, 500)
 model, tok = load_encoder(num_labels=2, seed=0)
-data = prepare_task("movie_sentiment", tok, max_length=64, n_train=N_TRAIN, n_eval=N_EVAL, seed=0)
+data = prepare_task("movie_sentiment", tok, max_length=48, n_train=N_TRAIN, n_eval=N_EVAL, seed=0)
 print(f"train {len(data.train)}, validation {len(data.validation)}, labels {data.label_names}")
 load_task("movie_sentiment")["train"].select(range(3)).to_pandas()
 '''),
@@ -192,12 +192,14 @@ print(f"  row deltas {plan.trainable_parameters():,} + classifier head {trainabl
         md('''
 ## 6. Train
 
-`rs.train` runs `transformers.Trainer` on whatever requires grad and evaluates before and after.
+`rs.train` runs `transformers.Trainer` on whatever requires grad and evaluates before and after:
+one epoch, batches of 16 (16 steps in fast mode, 100 in full mode; the short run takes a larger
+learning rate).
 '''),
         code('''
 result = rs.train(model, data.train, eval_dataset=data.validation, tokenizer=tok,
-                  lr=2e-3, epochs=1, max_steps=24 if FAST else None, batch_size=16,
-                  seed=0, logging_steps=4, progress_bar=False)
+                  lr=5e-3 if FAST else 2e-3, epochs=1, batch_size=16, seed=0,
+                  logging_steps=2 if FAST else 10, progress_bar=False)
 print(result.summary())
 '''),
         code(CHECK + '''
