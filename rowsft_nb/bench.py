@@ -559,18 +559,22 @@ def _scoring_cost(cfg: BenchConfig, quick: bool) -> dict[str, Any]:
     mod = _load_bench_module("bench_scoring")
     if mod is None:
         return {"skipped": "benchmarks/bench_scoring.py not found (run from a source checkout)"}
-    argv = ["--threads", str(torch.get_num_threads()), "--out", os.devnull]
+    import contextlib
+    import io
+    import tempfile
+
+    argv = ["--threads", str(torch.get_num_threads())]
     if quick or not cfg.smollm:
         argv += ["--skip-smollm", "--minilm-batches", "1"]
     else:
         argv += ["--batches", "1"]
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        res = mod.main(argv)
-    res["command"] = "benchmarks/bench_scoring.py " + " ".join(a for a in argv if a != os.devnull)
+    # bench_scoring writes its JSON atomically (a rename): give it a real scratch file,
+    # never a device such as os.devnull, which the rename would replace.
+    with tempfile.TemporaryDirectory(prefix="rowsft-bench-") as tmp:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            res = mod.main(argv + ["--out", str(Path(tmp) / "scoring.json")])
+    res["command"] = "benchmarks/bench_scoring.py " + " ".join(argv)
     return res
 
 
