@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rowsft-nb demo
 
 test: $(STAMP) browser
-	ROWSFT_FAST=1 $(PY) -m pytest -q tests notebooks --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+	ROWSFT_FAST=1 $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow and not browser"

@@ -201,6 +201,17 @@ def test_importance_explorer_controls_drive_state():
     assert list(ex.prof.data[1].x) == marked
 
 
+def test_heatmap_sent_to_the_browser_is_valid_json():
+    """Empty cells (pooler row has no block columns) must not reach the page as NaN."""
+    ex = ImportanceExplorer(small_report())
+    z = ex.heat.data[0].z
+    assert any(v is None for row in z for v in row)          # the gaps are there...
+    json.dumps(ex.heat.to_plotly_json()["data"][0]["z"], allow_nan=False)  # ...as null
+    hm = ex.state.heatmap()
+    finite = ~np.isnan(hm.z)
+    assert np.allclose(np.array(z, dtype=float)[finite], hm.z[finite])
+
+
 # ---------------------------------------------------------------------------- budget
 def test_uniform_budget_matches_select_and_direct_counts():
     rep = small_report()

@@ -392,7 +392,9 @@ class ImportanceExplorer:
         centers = [(a + b - 1) / 2 for _, a, b in hm.type_spans]
         with self.heat.batch_update():
             tr = self.heat.data[0]
-            tr.z = hm.z
+            # empty cells are NaN; plotly's widget sends 2-D arrays as JSON, where NaN is
+            # invalid, so send them as None (drawn as gaps)
+            tr.z = np.where(np.isnan(hm.z), None, hm.z).tolist()
             tr.x = list(range(hm.z.shape[1]))
             tr.y = hm.row_labels
             tr.customdata = hm.customdata
