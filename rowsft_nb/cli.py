@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="check the installation, assets and devices")
     doc.set_defaults(func=cmd_doctor)
 
-    bench = sub.add_parser("bench", help="benchmarks (memory, time, accuracy)")
+    bench = sub.add_parser("bench", help="benchmarks (memory, time, accuracy)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to rowsft_nb.bench")
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -235,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rowsft-nb``. Usage: ``main(["demo", "--max-steps", "20"])``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `bench` passes its options through to rowsft_nb.bench; argparse's REMAINDER does not
+    # take leading --options in a subcommand, so collect the unknown ones here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        args.bench_args = extra + list(args.bench_args)
     _quiet()
     _threads(getattr(args, "threads", None))
     return int(args.func(args) or 0)
