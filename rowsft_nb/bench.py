@@ -412,7 +412,7 @@ class BenchConfig:
     smollm_time_repeats: int = 3
     calib_samples: int = 32
     acc_seeds: tuple[int, ...] = (0, 1, 2)
-    acc_steps: int = 30
+    acc_steps: int = 100
     acc_batch: int = 16
     acc_max_length: int = 48
     acc_n_train: int = 1000
