@@ -1,6 +1,7 @@
 """Write notebooks/05_llm.ipynb and the workshop notebooks from the cell sources below.
 
 Usage:  python scripts/make_notebooks_b.py [ex3 ...]  # writes the notebooks (or those named), without outputs
+        python scripts/make_notebooks_b.py --check    # exit 1 if a committed notebook's sources differ
         ROWSFT_FAST=1 python scripts/run_notebooks.py notebooks/05_llm.ipynb \
             notebooks/workshop/solutions/*.ipynb      # then execute them in place
 
@@ -812,18 +813,31 @@ def build(cells: list[Cell], stem: str, exercise: bool = False) -> nbformat.Note
 
 def main(argv: list[str]) -> None:
     """Write every notebook, or only those whose file name contains one of ``argv``
-    (``python scripts/make_notebooks_b.py ex3`` rewrites just the two ex3 notebooks)."""
+    (``python scripts/make_notebooks_b.py ex3`` rewrites just the two ex3 notebooks);
+    with ``--check``, write nothing and exit 1 if a notebook's sources are out of date."""
     jobs = [(NB_DIR / "05_llm.ipynb", LLM, "llm", False)]
     for stem, cells in (("ex1_taylor_by_hand", EX1), ("ex2_budgets", EX2),
                         ("ex3_random_vs_taylor", EX3)):
         for folder, exercise in (("solutions", False), ("exercises", True)):
             jobs.append((WORKSHOP / folder / f"{stem}.ipynb", cells, stem, exercise))
+    check = "--check" in argv
+    names = [a for a in argv if a != "--check"]
+    stale = []
     for path, cells, stem, exercise in jobs:
-        if argv and not any(a in path.name for a in argv):
+        if names and not any(a in path.name for a in names):
+            continue
+        nb = build(cells, stem, exercise)
+        if check:  # committed sources must equal the generated ones (outputs are not compared)
+            old = nbformat.read(path, as_version=4) if path.exists() else None
+            if old is None or [c.source for c in old.cells] != [c.source for c in nb.cells]:
+                stale.append(path)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(build(cells, stem, exercise), path)
+        nbformat.write(nb, path)
         print(path.relative_to(ROOT))
+    if stale:
+        sys.exit("out of date (run scripts/make_notebooks_b.py, then execute them): "
+                 + ", ".join(str(p.relative_to(ROOT)) for p in stale))
 
 
 if __name__ == "__main__":
