@@ -725,6 +725,8 @@ plan_random = rs.select(report_random, BUDGET)
 print(plan_taylor)
 print(plan_random)
 print("same trainable parameters:", plan_taylor.trainable_parameters() == plan_random.trainable_parameters())
+'''),
+    code('''
 print(f"overlap (Jaccard of selected rows): {plan_taylor.overlap(plan_random)['overall']:.3f}")
 '''),
     md(r'''
