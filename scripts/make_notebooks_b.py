@@ -604,7 +604,7 @@ A row of a module costs its $d_{in}$. Find the `r` for which `FixedRows(r)` in e
 comes closest to `target`, select that plan, and check how close it is.
 '''),
     code('''
-### BEGIN SOLUTION: r = target / (sum of d_in over all modules), rounded; plan_fixed = rs.select(report, rs.FixedRows(r))
+### BEGIN SOLUTION: define r (an int: target / the sum of every module's d_in, rounded) and plan_fixed = rs.select(report, rs.FixedRows(r))
 r = round(target / sum(d_in for _, d_in in shapes.values()))
 plan_fixed = rs.select(report, rs.FixedRows(r))
 ### END SOLUTION
@@ -625,7 +625,7 @@ highest, so different modules get different row counts. Build `plan_budget` with
 its budget and with whole heads in attention (`head_aligned=True`).
 '''),
     code('''
-### BEGIN SOLUTION: rs.select(report, rs.ParamBudget(target), head_aligned=True)
+### BEGIN SOLUTION: define plan_budget with rs.select(report, <a ParamBudget>, head_aligned=True)
 plan_budget = rs.select(report, rs.ParamBudget(target), head_aligned=True)
 ### END SOLUTION
 '''),
@@ -657,7 +657,7 @@ row-sparse plan, for LoRA at the same parameter count and for full fine-tuning. 
 `saving`, the fraction of LoRA's total that the row-sparse plan saves.
 '''),
     code('''
-### BEGIN SOLUTION: est = plan_fixed.memory_estimate(8, 512, dtype=torch.bfloat16); saving = 1 - est.total("rowsft") / est.total("lora")
+### BEGIN SOLUTION: define est (plan_fixed.memory_estimate(...)) and saving (from est.total("rowsft") and est.total("lora"))
 est = plan_fixed.memory_estimate(batch_size=8, seq_len=512, dtype=torch.bfloat16)
 saving = 1 - est.total("rowsft") / est.total("lora")
 ### END SOLUTION
@@ -715,7 +715,7 @@ check they train the same number of parameters and measure how much they overlap
 '''),
     code('''
 BUDGET = rs.Ratio(0.02)
-### BEGIN SOLUTION: rs.select(report, BUDGET) twice; the random report is rs.score(model, metric="random", seed=SEED)
+### BEGIN SOLUTION: define plan_taylor, report_random (rs.score with metric="random", seed=SEED) and plan_random
 plan_taylor = rs.select(report_taylor, BUDGET)
 report_random = rs.score(model, metric="random", seed=SEED, progress=False)
 plan_random = rs.select(report_random, BUDGET)
@@ -738,7 +738,7 @@ model in place, so reusing `model` would train on top of the previous run.
 '''),
     code('''
 def run(plan):
-    ### BEGIN SOLUTION: fresh = load_encoder(num_labels=2, seed=SEED)[0]; rs.inject(fresh, plan); return rs.train(fresh, data.train, eval_dataset=data.validation, tokenizer=tok, lr=LR, max_steps=STEPS, batch_size=16, seed=SEED, progress_bar=False)
+    ### BEGIN SOLUTION: load_encoder(num_labels=2, seed=SEED), rs.inject(...), then return rs.train(...) on data.train with eval_dataset=data.validation, tokenizer=tok, lr=LR, max_steps=STEPS, batch_size=16, seed=SEED
     fresh, _ = load_encoder(num_labels=2, seed=SEED)
     rs.inject(fresh, plan)
     return rs.train(fresh, data.train, eval_dataset=data.validation, tokenizer=tok, lr=LR,
@@ -814,8 +814,8 @@ def build(cells: list[Cell], stem: str, exercise: bool = False) -> nbformat.Note
 
 
 def main(argv: list[str]) -> None:
-    """Write every notebook, or only those whose file name contains one of ``argv``
-    (``python scripts/make_notebooks_b.py ex3`` rewrites just the two ex3 notebooks);
+    """Write every notebook, or only those whose path contains one of ``argv``
+    (``ex3``: the two ex3 notebooks; ``exercises``: the exercise notebooks only);
     with ``--check``, write nothing and exit 1 if a notebook's sources are out of date."""
     jobs = [(NB_DIR / "05_llm.ipynb", LLM, "llm", False)]
     for stem, cells in (("ex1_taylor_by_hand", EX1), ("ex2_budgets", EX2),
@@ -826,7 +826,7 @@ def main(argv: list[str]) -> None:
     names = [a for a in argv if a != "--check"]
     stale = []
     for path, cells, stem, exercise in jobs:
-        if names and not any(a in path.name for a in names):
+        if names and not any(a in str(path.relative_to(ROOT)) for a in names):
             continue
         nb = build(cells, stem, exercise)
         if check:  # committed sources must equal the generated ones (outputs are not compared)
