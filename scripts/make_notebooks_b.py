@@ -82,9 +82,10 @@ decoder layers, grouped-query attention, a SwiGLU MLP). Three things are new:
    validation loss and perplexity.
 
 It ends by merging the trained rows into the weights and saving both the small adapter and the
-merged model. The full run (80 training steps) should take about 10 minutes on an idle 2-core
-CPU; `ROWSFT_FAST=1` (what CI uses) trains 4 steps of 8 examples, enough to see the pipeline
-work and the answer format being learned — read the numbers of a fast run as a smoke test.
+merged model. The full run (80 training steps of 8 examples) took 4.5 minutes on an idle
+2-core CPU here (expect 2–4× that on a busy machine); `ROWSFT_FAST=1` (what CI uses, and
+what the committed outputs show) trains 4 steps, enough to see the pipeline work and the
+answer format being learned — read the numbers of a fast run as a smoke test.
 '''),
     code(SETUP + '''
 from pathlib import Path
@@ -341,7 +342,9 @@ fig.show()
 ## 7. Ask again
 
 Same questions, same greedy decoding. The two extra prompts are outside the task: they show
-what instruction tuning on a single task does to the model's general behaviour.
+what instruction tuning on a single task does to the model's general behaviour. For reference,
+a full run (`ROWSFT_FAST=0`) gave here: validation loss 6.18 → 0.22, exact answers 0.00 → 0.79
+on 120 validation questions, where always answering the most common type scores 0.32.
 '''),
     code('''
 replies_after = generate(model, ask["prompt"])
