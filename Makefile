@@ -55,9 +55,10 @@ bench-quick: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-# Re-execute every notebook in place (outputs kept, widget state not stored).
+# Re-execute every notebook in place (outputs kept, widget state not stored), in full mode;
+# `ROWSFT_FAST=1 make notebooks` for the fast mode that make test validates.
 notebooks: $(STAMP)
-	$(PY) scripts/run_notebooks.py
+	ROWSFT_FAST=$${ROWSFT_FAST:-0} $(PY) scripts/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info test-artifacts
