@@ -38,7 +38,7 @@ import torch
 
 from .plan import RowPlan
 from .scoring.report import ImportanceReport
-from .targets import _matches, module_type, short_type
+from .targets import module_type, name_matches, short_type
 
 __all__ = ["FixedRows", "Ratio", "TypeRatios", "ParamBudget", "Budget", "budget_from_dict",
            "select", "Selector", "SelectionWarning"]
@@ -323,8 +323,8 @@ class Selector:
                              "none; score with a metric that records input-column scores")
         orders = self._module_orders(columns, head_aligned)
         names = [n for n in rep.scores if n in orders
-                 and (include is None or _matches(n, include))
-                 and (exclude is None or not _matches(n, exclude))]
+                 and (include is None or name_matches(n, include))
+                 and (exclude is None or not name_matches(n, exclude))]
         if not names:
             raise ValueError(f"no module of the report is left by include={include!r} "
                              f"exclude={exclude!r}{' with column scores' if columns else ''}; "

@@ -52,15 +52,20 @@ def row_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def embeddings(model: nn.Module, which: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()`` (``which`` = "input" or
+    "output"), or None where the model has none or does not implement it."""
+    getter = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        return getter() if getter is not None else None
+    except Exception:  # some architectures raise NotImplementedError or worse here
+        return None
+
+
 def head_module_names(model: nn.Module) -> list[str]:
     """Names of Linear-like task heads: the output embedding and classifier-like layers."""
     heads: set[str] = set()
-    out = None
-    if hasattr(model, "get_output_embeddings"):
-        try:
-            out = model.get_output_embeddings()
-        except Exception:
-            out = None
+    out = embeddings(model, "output")
     for name, module in model.named_modules():
         if not is_linear_like(module):
             continue
@@ -84,9 +89,9 @@ def find_targets(model: nn.Module, targets: TargetSpec = "all-linear",
     if targets is None or targets == "all-linear":
         chosen = [n for n in linear if include_heads or n not in heads]
     else:
-        chosen = [n for n in linear if _matches(n, targets)]
+        chosen = [n for n in linear if name_matches(n, targets)]
     if exclude:
-        chosen = [n for n in chosen if not _matches(n, exclude)]
+        chosen = [n for n in chosen if not name_matches(n, exclude)]
     if not chosen:
         sample = ", ".join(linear[:8]) + (" ..." if len(linear) > 8 else "")
         raise ValueError(
@@ -96,7 +101,9 @@ def find_targets(model: nn.Module, targets: TargetSpec = "all-linear",
     return chosen
 
 
-def _matches(name: str, spec: str | Sequence[str]) -> bool:
+def name_matches(name: str, spec: str | Sequence[str]) -> bool:
+    """PEFT-style match: a regex string must fullmatch ``name``; a list matches by
+    equality or ``.``-suffix (``"q_proj"`` matches ``...self_attn.q_proj``)."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == s or name.endswith("." + s) for s in spec)

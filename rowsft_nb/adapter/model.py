@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..plan import RowPlan
-from ..targets import head_module_names, model_fingerprint
+from ..targets import embeddings, head_module_names, model_fingerprint
 from .layer import RowSparseLinear
 
 __all__ = ["AdapterState", "inject", "adapted_modules", "adapter_state", "trainable_parameters",
@@ -79,19 +79,8 @@ def adapted_modules(model: nn.Module) -> dict[str, RowSparseLinear]:
 def trainable_head_names(model: nn.Module, plan: RowPlan) -> list[str]:
     """Classifier-style heads (classifier / score / qa_outputs) not in ``plan``: the ones
     ``inject(train_heads=True)`` trains fully. Never the output embedding / lm_head."""
-    out_emb = None
-    if hasattr(model, "get_output_embeddings"):
-        try:
-            out_emb = model.get_output_embeddings()
-        except Exception:
-            out_emb = None
-    in_emb = None
-    if hasattr(model, "get_input_embeddings"):
-        try:
-            in_emb = model.get_input_embeddings()
-        except Exception:
-            in_emb = None
-    in_w = getattr(in_emb, "weight", None)
+    out_emb = embeddings(model, "output")
+    in_w = getattr(embeddings(model, "input"), "weight", None)
     modules = dict(model.named_modules())
     planned = set(plan.modules)
     heads = []

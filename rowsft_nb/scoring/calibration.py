@@ -259,10 +259,10 @@ class StatsCollector:
             cols = self._batch_cols[name]
             st = self.stats[name]
             if "taylor" in self.needs:
-                st.taylor_rows = _add(st.taylor_rows, rows)
-                st.taylor_cols = _add(st.taylor_cols, cols)
-                st.taylor_rows_sq = _add(st.taylor_rows_sq, rows * rows)
-                st.taylor_cols_sq = _add(st.taylor_cols_sq, cols * cols)
+                st.taylor_rows = accumulate(st.taylor_rows, rows)
+                st.taylor_cols = accumulate(st.taylor_cols, cols)
+                st.taylor_rows_sq = accumulate(st.taylor_rows_sq, rows * rows)
+                st.taylor_cols_sq = accumulate(st.taylor_cols_sq, cols * cols)
         self._batch_rows.clear()
         self._batch_cols.clear()
         self._check_finite(index)
@@ -344,7 +344,7 @@ class StatsCollector:
                 xf = xf * self._mask.unsqueeze(-1).to(xf.dtype)
             sq = xf.reshape(-1, xf.shape[-1]).pow(2).sum(0)
             st = self.stats[name]
-            st.input_sq = _add(st.input_sq, sq)
+            st.input_sq = accumulate(st.input_sq, sq)
 
     def on_output_grad(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         """Called from the tap's backward with the module input and dL/d(output)."""
@@ -363,17 +363,17 @@ class StatsCollector:
         if "grad_sum" in self.needs or "grad_sq" in self.needs:
             g = dy2.t() @ x2  # this module's batch gradient, transient
             if "grad_sum" in self.needs:
-                st.grad_sum = _add(st.grad_sum, g)
+                st.grad_sum = accumulate(st.grad_sum, g)
             if "grad_sq" in self.needs:
                 h = wf.square() * g.square()
-                st.hessian_rows = _add(st.hessian_rows, h.sum(1))
-                st.hessian_cols = _add(st.hessian_cols, h.sum(0))
+                st.hessian_rows = accumulate(st.hessian_rows, h.sum(1))
+                st.hessian_cols = accumulate(st.hessian_cols, h.sum(0))
         if "taylor" in self.needs or "class" in self.needs:
             row_terms = dy2 * (x2 @ wf.t())      # [tokens, d_out]: dy_ti (y_ti - b_i)
             col_terms = x2 * (dy2 @ wf)          # [tokens, d_in]:  x_tj (dy_t W)_j
             if "taylor" in self.needs:
-                self._batch_rows[name] = _add(self._batch_rows.get(name), row_terms.sum(0))
-                self._batch_cols[name] = _add(self._batch_cols.get(name), col_terms.sum(0))
+                self._batch_rows[name] = accumulate(self._batch_rows.get(name), row_terms.sum(0))
+                self._batch_cols[name] = accumulate(self._batch_cols.get(name), col_terms.sum(0))
             if "class" in self.needs:
                 self._accumulate_classes(name, x, row_terms, col_terms)
 
@@ -409,8 +409,8 @@ class StatsCollector:
                 for name, (rows, cols) in self._zo_dirs.items():
                     st = self.stats[name]
                     c = coeff.to(rows.device, rows.dtype)
-                    st.zo_rows = _add(st.zo_rows, c * rows)
-                    st.zo_cols = _add(st.zo_cols, c * cols)
+                    st.zo_rows = accumulate(st.zo_rows, c * rows)
+                    st.zo_cols = accumulate(st.zo_cols, c * cols)
                 self._zo_dirs.clear()
         self._check_finite(index)
 
@@ -492,5 +492,6 @@ def _input_requires_grad(module: nn.Module, args: tuple) -> tuple | None:
     return (x.detach().requires_grad_(True), *args[1:])
 
 
-def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+def accumulate(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``acc + value`` in place (a copy of ``value`` when ``acc`` is None)."""
     return value.clone() if acc is None else acc.add_(value)

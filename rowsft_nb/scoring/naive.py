@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..targets import is_conv1d, row_weight
-from .calibration import accumulation_dtype, batch_loss, batch_size, batch_tokens, mix_seed
+from .calibration import (accumulate, accumulation_dtype, batch_loss, batch_size,
+                          batch_tokens, mix_seed)
 from .metrics import ModuleStats
 
 NAIVE_STATS = frozenset({"taylor", "grad_sum", "grad_sq"})
@@ -62,16 +63,16 @@ class NaiveGradientCollector:
                 if "taylor" in self.needs:
                     wg = wf * g
                     rows, cols = wg.sum(1), wg.sum(0)
-                    st.taylor_rows = _add(st.taylor_rows, rows)
-                    st.taylor_cols = _add(st.taylor_cols, cols)
-                    st.taylor_rows_sq = _add(st.taylor_rows_sq, rows * rows)
-                    st.taylor_cols_sq = _add(st.taylor_cols_sq, cols * cols)
+                    st.taylor_rows = accumulate(st.taylor_rows, rows)
+                    st.taylor_cols = accumulate(st.taylor_cols, cols)
+                    st.taylor_rows_sq = accumulate(st.taylor_rows_sq, rows * rows)
+                    st.taylor_cols_sq = accumulate(st.taylor_cols_sq, cols * cols)
                 if "grad_sum" in self.needs:
-                    st.grad_sum = _add(st.grad_sum, g)
+                    st.grad_sum = accumulate(st.grad_sum, g)
                 if "grad_sq" in self.needs:
                     h = wf.square() * g.square()
-                    st.hessian_rows = _add(st.hessian_rows, h.sum(1))
-                    st.hessian_cols = _add(st.hessian_cols, h.sum(0))
+                    st.hessian_rows = accumulate(st.hessian_rows, h.sum(1))
+                    st.hessian_cols = accumulate(st.hessian_cols, h.sum(0))
                 st.n_batches += 1
                 module.weight.grad = None
         self.n_samples += batch_size(batch)
@@ -80,6 +81,3 @@ class NaiveGradientCollector:
     def finalize(self) -> dict[str, ModuleStats]:
         return self.stats
 
-
-def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value.clone() if acc is None else acc.add_(value)
