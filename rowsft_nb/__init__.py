@@ -20,6 +20,7 @@ from .selection import FixedRows, ParamBudget, Ratio, TypeRatios, budget_from_di
 from .targets import find_targets
 from .train import TrainingObserver, TrainResult, list_devices, pick_device, train
 from .widgets import BudgetExplorer, ImportanceExplorer, TrainingLauncher
+from . import recipes
 
 __all__ = [
     "__version__",
@@ -36,4 +37,6 @@ __all__ = [
     "merge", "unmerge", "merge_and_unload", "unload",
     # notebook explorers (state objects: rowsft_nb.widgets.*State)
     "ImportanceExplorer", "BudgetExplorer", "TrainingLauncher",
+    # the authors' setups in one call: rowsft_nb.recipes.spruft_llm(), spruft_encoder()
+    "recipes",
 ]
