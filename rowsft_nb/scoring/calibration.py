@@ -1,34 +1,30 @@
-"""Calibration passes: feed batches through the model and gather per-module statistics
-(:class:`~rowsft_nb.scoring.metrics.ModuleStats`) with hooks, never with weight gradients.
+"""Calibration passes: feed batches through the model and gather the statistics metrics
+need (``scoring.statistics``) with hooks, never with weight gradients.
 
-Gradient statistics use the identity, for one layer ``y = x W^T + b`` over the tokens t of
-a batch::
-
-    G = dL/dW = sum_t dy_t^T x_t
-    sum_j w_ij G_ij = sum_t dy_ti (y_ti - b_i) = sum_t dy_ti (x_t W^T)_i      (rows)
-    sum_i w_ij G_ij = sum_t x_tj (dy_t W)_j                                   (columns)
+For one layer ``y = x W^T + b`` over the tokens t of a batch, ``G = dL/dW = sum_t dy_t^T x_t``:
+every statistic is computed from the layer's input ``x``, its output gradient ``dy`` and ``W``
+inside the backward pass, one layer at a time (see ``Statistic.add_call``).
 
 Every parameter is frozen during the pass (``requires_grad=False``); a forward pre-hook
 turns a target's input into a leaf that requires grad when nothing upstream does (so the
-graph starts at the first target); a forward hook wraps the target's output in a "gradient
-tap" (an identity autograd function that saves the input ``x`` and whose backward receives
-``dy``). No ``.grad`` buffer is ever allocated. With ``checkpoint_blocks`` (the default in
-``score()``), each transformer block runs under non-reentrant activation checkpointing, so
-only block inputs stay alive between forward and backward and a block's activations
-(including the tapped ``x``) are recomputed in its backward: about one extra forward pass
-of time for most of the activation memory.
+graph starts at the first target); a forward hook replaces the target's output by a
+"gradient tap" (an autograd function returning a copy of the output, so the model may
+modify it in place, which saves the input ``x`` and whose backward receives ``dy``). No
+``.grad`` buffer is ever allocated. With ``checkpoint_blocks`` (the default in ``score()``),
+each transformer block runs under non-reentrant activation checkpointing, so only block
+inputs stay alive between forward and backward and a block's activations (including the
+tapped ``x``) are recomputed in its backward: about one extra forward pass of time for most
+of the activation memory.
 
-Cost per metric, beyond one forward + input-gradient backward:
-``taylor``/``fisher``/``class_taylor``: one ``[tokens, d_out]`` and one ``[tokens, d_in]``
-temporary per module and two matmuls (``x W^T`` and ``dy W``); ``hessian``: the batch
-gradient ``G = dy^T x`` of one module at a time (a transient ``[d_out, d_in]``);
-``taylor_abs``: the same plus ``sum_b G`` for every target (float32, the size of the target
-weights), since ``|w * sum_b G|`` cannot be reduced per batch. ``hessian`` treats each call
-of a module as its own batch term (HF models call each projection once per forward).
+Memory beyond activations: the accumulators of the statistics (``grad_sum`` and
+``grad_sq_mean``: the size of the target weights in float32; ``wg_*``: vectors; class
+statistics: one weight-sized buffer per class) and, transiently, per-example gradients of
+one layer in chunks. Per-example statistics treat each call of a module as one term per
+example (HF models call each projection once per forward).
 
-``zo_taylor`` runs forward passes only (``torch.no_grad``): per perturbation, a forward
-hook adds ``+-eps x Z^T`` to each target's output (the output of ``W +- eps Z``) with a
-Gaussian ``Z`` regenerated from a seed, so weights are never written.
+The zeroth-order pass runs forward passes only (``torch.no_grad``): per perturbation, a
+forward hook adds ``+-eps x z^T`` to each target's output (the output of ``W +- eps z``) with
+a Gaussian ``z`` regenerated from a seed, so weights are never written.
 """
 from __future__ import annotations
 
@@ -40,7 +36,9 @@ import torch
 from torch import nn
 
 from ..targets import row_weight
-from .metrics import GRADIENT_STATS, ModuleStats
+from .metrics import ModuleStats
+from .statistics import (LayerCall, Statistic, example_scales, example_weights,
+                         get_statistics)
 
 BATCH_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "labels")
 
@@ -148,50 +146,150 @@ def mix_seed(*parts: int) -> int:
     return h % (1 << 63)
 
 
-# ---------------------------------------------------------------------------- collector
-class StatsCollector:
-    """Hooks on the target modules that fill one :class:`ModuleStats` per module.
-
-    Usage (``score()`` does this, inside its model-state guard)::
-
-        c = StatsCollector(modules, needs={"taylor"}, seed=0)
-        with c.attached():
-            for i, (batch, n) in enumerate(iter_batches(...)):
-                c.run_batch(model, batch, i)
-        c.stats["model.layers.0.mlp.up_proj"].taylor_rows
-    """
+# ---------------------------------------------------------------------------- accumulators
+class Accumulators:
+    """The running statistics of every target module, shared by the hook and ``.grad``
+    passes: zeros on first use, batch-wise buffers folded at the end of each batch, and the
+    finished :class:`ModuleStats` per module (:meth:`module_stats`)."""
 
     def __init__(self, modules: Mapping[str, nn.Module], needs: Iterable[str], seed: int = 0,
-                 num_classes: int | None = None, zo_eps: float = 1e-3,
-                 zo_perturbations: int = 1, checkpoint_blocks: Iterable[nn.Module] = ()
-                 ) -> None:
+                 num_classes: int | None = None) -> None:
         self.modules = dict(modules)
-        self.checkpoint_blocks = list(checkpoint_blocks)
-        self._saved_forwards: list[tuple[nn.Module, Any]] = []
-        self.needs = frozenset(needs)
+        self.stats: dict[str, Statistic] = get_statistics(sorted(set(needs)))
         self.seed = seed
         self.num_classes = num_classes
-        self.zo_eps = float(zo_eps)
-        self.zo_perturbations = int(zo_perturbations)
-        if self.zo_eps <= 0 or self.zo_perturbations <= 0:
-            raise ValueError("zo_eps and zo_perturbations must be positive")
         self.index = {name: i for i, name in enumerate(self.modules)}
-        self.stats = {name: ModuleStats(seed=mix_seed(seed, i))
-                      for name, i in self.index.items()}
+        self.acc: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.modules}
+        self.batch_acc: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.modules}
+        self.touched: set[str] = set()
         self.n_samples = 0
         self.n_tokens = 0
-        self._handles: list[Any] = []
-        self._batch_rows: dict[str, torch.Tensor] = {}
-        self._batch_cols: dict[str, torch.Tensor] = {}
-        self._labels: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self._zo: tuple[int, int] | None = None  # (sign, seed) while a ZO forward runs
-        self._zo_dirs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_counts = torch.zeros(num_classes or 1, dtype=torch.int64)
+
+    def sources(self) -> set[str]:
+        return {s.source for s in self.stats.values()}
 
     @property
     def needs_gradients(self) -> bool:
-        return bool(self.needs & GRADIENT_STATS)
+        return bool(self.sources() & {"gradient", "example_gradient"})
+
+    @property
+    def needs_examples(self) -> bool:
+        return "example_gradient" in self.sources()
+
+    def _like(self, name: str) -> torch.Tensor:
+        w = row_weight(self.modules[name])
+        return torch.empty(0, dtype=accumulation_dtype(w), device=w.device)
+
+    def _zero(self, name: str, stat: Statistic) -> torch.Tensor:
+        d_out, d_in = row_weight(self.modules[name]).shape
+        return stat.zero(d_out, d_in, self.num_classes or 1, self._like(name))
+
+    def target(self, name: str, stat: Statistic) -> torch.Tensor:
+        """The tensor a contribution of ``stat`` for ``name`` is added to (batch buffer for
+        batch-wise statistics)."""
+        self.touched.add(name)
+        store = self.batch_acc if stat.batchwise else self.acc
+        if stat.name not in store[name]:
+            store[name][stat.name] = self._zero(name, stat)
+        return store[name][stat.name]
+
+    def end_batch(self) -> None:
+        for name, buffers in self.batch_acc.items():
+            for stat_name, value in buffers.items():
+                stat = self.stats[stat_name]
+                total = self.acc[name].get(stat_name)
+                if total is None:
+                    total = self._zero(name, stat)
+                self.acc[name][stat_name] = stat.end_batch(total, value)
+            buffers.clear()
+
+    def check_finite(self, index: int) -> None:
+        items = [(n, t) for n, d in self.acc.items() for t in d.values()]
+        if not items:
+            return
+        sums = torch.stack([t.sum().to(torch.float64).cpu() for _, t in items])
+        bad = ~torch.isfinite(sums)
+        if bool(bad.any()):
+            name = items[int(torch.nonzero(bad)[0, 0])][0]
+            raise FloatingPointError(
+                f"Non-finite gradient statistics in {name!r} after batch {index}: the "
+                "gradients overflowed or are NaN. Use float32 weights, smaller inputs, or a "
+                "forward-only metric such as 'wanda'.")
+
+    def finalize(self) -> None:
+        """Warn (once, naming them) about modules the data never reached: scored 0."""
+        untouched = [n for n in self.modules if n not in self.touched]
+        if untouched and self.stats and self.sources() != {"zo"}:
+            warnings.warn(f"{len(untouched)} target module(s) never influenced the loss or "
+                          f"were never called (scored 0): {untouched[:4]}"
+                          f"{' ...' if len(untouched) > 4 else ''}", stacklevel=3)
+
+    def module_stats(self, name: str) -> ModuleStats:
+        """The finished statistics of ``name`` (its accumulators are released)."""
+        values = {}
+        held = self.acc.pop(name, {})
+        for stat_name, stat in self.stats.items():
+            acc = held.get(stat_name)
+            if acc is None:
+                acc = self._zero(name, stat)
+            values[stat_name] = stat.finalize(acc, self.n_samples, self.class_counts)
+        return ModuleStats(seed=mix_seed(self.seed, self.index[name]), values=values,
+                           n_examples=self.n_samples,
+                           class_counts=self.class_counts.clone() if self.num_classes else None)
+
+
+def class_labels(batch: Mapping[str, Any], num_classes: int | None) -> torch.Tensor:
+    """One integer class id per example, checked against ``[0, num_classes)``."""
+    labels = batch["labels"]
+    size = batch_size(batch)
+    if labels.ndim != 1 or labels.shape[0] != size or labels.is_floating_point():
+        raise ScoringDataError(
+            f"class metrics need one integer class id per example (labels of shape "
+            f"[{size}]); got labels of shape {list(labels.shape)} and dtype {labels.dtype}. "
+            "Token labels mean a language model: use 'taylor' there.")
+    n = num_classes
+    if n is None or int(labels.max()) >= n or int(labels.min()) < 0:
+        raise ScoringDataError(f"class metrics: labels must lie in [0, num_labels={n}); got "
+                               f"{int(labels.min())}..{int(labels.max())}")
+    return labels
+
+
+# ---------------------------------------------------------------------------- collector
+class StatsCollector(Accumulators):
+    """Hooks on the target modules that accumulate the requested statistics.
+
+    Usage (``score()`` does this, inside its model-state guard)::
+
+        c = StatsCollector(modules, needs={"grad_sum"}, seed=0)
+        c.attach()
+        for i, (batch, n) in enumerate(iter_batches(...)):
+            c.run_batch(model, batch, i)
+        c.detach(); c.finalize()
+        c.module_stats("model.layers.0.mlp.up_proj")["grad_sum"]
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], needs: Iterable[str], seed: int = 0,
+                 num_classes: int | None = None, checkpoint_blocks: Iterable[nn.Module] = (),
+                 zo: Any = None) -> None:
+        super().__init__(modules, needs, seed, num_classes)
+        sources = self.sources()
+        if "zo" in sources and len(sources) > 1:
+            raise ValueError("zeroth-order statistics cannot be mixed with others in one pass")
+        if "zo" in sources and zo is None:
+            raise ValueError("the zo_grad statistic needs the ZerothOrderTaylor settings (zo=)")
+        self.zo = zo
+        # the input statistics of a recomputed (checkpointed) forward would count twice
+        self.checkpoint_blocks = ([] if "input" in sources else list(checkpoint_blocks))
+        self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self._handles: list[Any] = []
+        self._labels: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
+        self._n_examples: int | None = None
+        self._mask: torch.Tensor | None = None
+        self._zo_state: tuple[int, int] | None = None  # (sign, seed) while a ZO forward runs
+        self._zo_sums: dict[tuple[int, int], float] = {}
+        self._zo_counts: dict[int, int] = {}
 
     # ---------------------------------------------------------------- hook management
     def attach(self) -> None:
@@ -220,114 +318,43 @@ class StatsCollector:
         """Run one batch (forward, plus backward or the ZO forwards) and accumulate."""
         size = batch_size(batch)
         mask = batch.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) else None
-        if "class" in self.needs:
-            self._labels = self._class_labels(batch)
-            self.class_counts += torch.bincount(self._labels.cpu(), minlength=self.num_classes)
-        if self.needs_gradients:
-            with torch.enable_grad():
-                loss = batch_loss(model, batch, index)
-                loss.backward()
-            self._end_gradient_batch(index)
-        elif "zo" in self.needs:
-            self._zo_batch(model, batch, index)
-        else:
-            with torch.no_grad():
-                model(**forward_kwargs(model, batch))
-        for st in self.stats.values():
-            st.n_batches += 1
+        self._mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) else None
+        self._n_examples = size
+        labels = None
+        if self.num_classes is not None and {"class_grad", "class_grad_sq"} & set(self.stats):
+            labels = self._labels = class_labels(batch, self.num_classes)
+        if self.needs_examples:
+            self._scale = example_scales(example_weights(model, batch, size))
+        try:
+            if self.needs_gradients:
+                with torch.enable_grad():
+                    loss = batch_loss(model, batch, index)
+                    loss.backward()
+                self.end_batch()
+                self.check_finite(index)
+            elif self.zo is not None:
+                self._zo_batch(model, batch, index)
+            else:
+                with torch.no_grad():
+                    model(**forward_kwargs(model, batch))
+        finally:
+            self._labels = self._mask = self._scale = None
+        if labels is not None:
+            self.class_counts += torch.bincount(labels.cpu(), minlength=self.num_classes)
         self.n_samples += size
         self.n_tokens += batch_tokens(batch)
-        self._labels = self._mask = None
-
-    def _class_labels(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        labels = batch["labels"]
-        size = batch_size(batch)
-        if labels.ndim != 1 or labels.shape[0] != size or labels.is_floating_point():
-            raise ScoringDataError(
-                f"class_taylor needs one integer class id per example (labels of shape "
-                f"[{size}]); got labels of shape {list(labels.shape)} and dtype {labels.dtype}. "
-                "Token labels mean a language model: use 'taylor' there.")
-        n = self.num_classes
-        if n is None or int(labels.max()) >= n or int(labels.min()) < 0:
-            raise ScoringDataError(f"class_taylor: labels must lie in [0, num_labels={n}); got "
-                                   f"{int(labels.min())}..{int(labels.max())}")
-        return labels
-
-    def _end_gradient_batch(self, index: int) -> None:
-        for name, rows in self._batch_rows.items():
-            cols = self._batch_cols[name]
-            st = self.stats[name]
-            if "taylor" in self.needs:
-                st.taylor_rows = accumulate(st.taylor_rows, rows)
-                st.taylor_cols = accumulate(st.taylor_cols, cols)
-                st.taylor_rows_sq = accumulate(st.taylor_rows_sq, rows * rows)
-                st.taylor_cols_sq = accumulate(st.taylor_cols_sq, cols * cols)
-        self._batch_rows.clear()
-        self._batch_cols.clear()
-        self._check_finite(index)
-
-    def finalize(self) -> dict[str, ModuleStats]:
-        """Zero statistics for modules the data never reached (their gradient is zero), with
-        a warning naming them; returns ``self.stats``."""
-        untouched = []
-        for name, module in self.modules.items():
-            st = self.stats[name]
-            d_out, d_in = row_weight(module).shape
-            w = row_weight(module)
-            zeros = lambda *shape: torch.zeros(*shape, dtype=accumulation_dtype(w), device=w.device)
-            filled = False
-            for field_, size, need in (
-                    ("taylor_rows", d_out, "taylor"), ("taylor_cols", d_in, "taylor"),
-                    ("taylor_rows_sq", d_out, "taylor"), ("taylor_cols_sq", d_in, "taylor"),
-                    ("hessian_rows", d_out, "grad_sq"), ("hessian_cols", d_in, "grad_sq"),
-                    ("input_sq", d_in, "input_sq"),
-                    ("zo_rows", d_out, "zo"), ("zo_cols", d_in, "zo")):
-                if need in self.needs and getattr(st, field_) is None:
-                    setattr(st, field_, zeros(size))
-                    filled = True
-            if "grad_sum" in self.needs and st.grad_sum is None:
-                st.grad_sum, filled = zeros(d_out, d_in), True
-            if "class" in self.needs and st.class_rows is None:
-                c = self.num_classes or 1
-                st.class_rows, st.class_cols = zeros(c, d_out), zeros(c, d_in)
-                filled = True
-            if "class" in self.needs:
-                st.class_counts = self.class_counts.clone()
-            if filled:
-                untouched.append(name)
-        if untouched:
-            warnings.warn(f"{len(untouched)} target module(s) never influenced the loss or "
-                          f"were never called (scored 0): {untouched[:4]}"
-                          f"{' ...' if len(untouched) > 4 else ''}", stacklevel=3)
-        return self.stats
-
-    def _check_finite(self, index: int) -> None:
-        tensors = [(n, t) for n, st in self.stats.items() for t in st.tensors().values()]
-        if not tensors:
-            return
-        sums = torch.stack([t.sum().to(torch.float64).cpu() for _, t in tensors])
-        bad = ~torch.isfinite(sums)
-        if bool(bad.any()):
-            name = tensors[int(torch.nonzero(bad)[0, 0])][0]
-            raise FloatingPointError(
-                f"Non-finite gradient statistics in {name!r} after batch {index}: the "
-                "gradients overflowed or are NaN. Use float32 weights, smaller inputs, or a "
-                "forward-only metric such as 'wanda'.")
 
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, name: str):
-        module = self.modules[name]
-
         def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
             if not args or not isinstance(args[0], torch.Tensor) \
                     or not isinstance(output, torch.Tensor):
                 return None
             x = args[0]
-            if "input_sq" in self.needs:
-                self._accumulate_input_sq(name, x)
-            if self._zo is not None:
-                return self._perturb(name, module, x, output)
+            if self._zo_state is not None:
+                return self._perturb(name, x, output)
+            if "input" in self.sources():
+                self._add_input(name, x)
             if self.needs_gradients and output.requires_grad:
                 # the tap saves x through autograd (so block checkpointing can drop and
                 # recompute it) and receives dy in its backward
@@ -336,112 +363,107 @@ class StatsCollector:
 
         return hook
 
-    def _accumulate_input_sq(self, name: str, x: torch.Tensor) -> None:
+    def _call(self, name: str, x: torch.Tensor, dy: torch.Tensor | None) -> LayerCall:
+        w = row_weight(self.modules[name]).detach()
+        acc = accumulation_dtype(w)
+        d_out, d_in = w.shape
+        return LayerCall(
+            name=name, x=x.detach().reshape(-1, d_in).to(acc),
+            dy=None if dy is None else dy.reshape(-1, d_out).to(acc), weight=w.to(acc),
+            n_examples=self._n_examples if _batch_major(x, self._n_examples) else None,
+            scale=self._scale, labels=self._labels, n_classes=self.num_classes,
+            token_mask=self._mask)
+
+    def _add_input(self, name: str, x: torch.Tensor) -> None:
         with torch.no_grad():
-            w = row_weight(self.modules[name])
-            xf = x.detach().to(accumulation_dtype(w))
-            if self._mask is not None and xf.ndim == 3 and tuple(xf.shape[:2]) == tuple(self._mask.shape):
-                xf = xf * self._mask.unsqueeze(-1).to(xf.dtype)
-            sq = xf.reshape(-1, xf.shape[-1]).pow(2).sum(0)
-            st = self.stats[name]
-            st.input_sq = accumulate(st.input_sq, sq)
+            call = self._call(name, x, None)
+            for stat in self.stats.values():
+                if stat.source == "input":
+                    stat.add_call(self.target(name, stat), call)
 
     def on_output_grad(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         """Called from the tap's backward with the module input and dL/d(output)."""
         with torch.no_grad():
-            self._accumulate_gradient(name, self.modules[name], x, dy)
-
-    def _accumulate_gradient(self, name: str, module: nn.Module, x: torch.Tensor,
-                             dy: torch.Tensor) -> None:
-        w = row_weight(module).detach()
-        acc = accumulation_dtype(w)
-        wf = w.to(acc)
-        d_out, d_in = wf.shape
-        x2 = x.detach().reshape(-1, d_in).to(acc)
-        dy2 = dy.reshape(-1, d_out).to(acc)
-        st = self.stats[name]
-        if "grad_sum" in self.needs or "grad_sq" in self.needs:
-            g = dy2.t() @ x2  # this module's batch gradient, transient
-            if "grad_sum" in self.needs:
-                st.grad_sum = accumulate(st.grad_sum, g)
-            if "grad_sq" in self.needs:
-                h = wf.square() * g.square()
-                st.hessian_rows = accumulate(st.hessian_rows, h.sum(1))
-                st.hessian_cols = accumulate(st.hessian_cols, h.sum(0))
-        if "taylor" in self.needs or "class" in self.needs:
-            row_terms = dy2 * (x2 @ wf.t())      # [tokens, d_out]: dy_ti (y_ti - b_i)
-            col_terms = x2 * (dy2 @ wf)          # [tokens, d_in]:  x_tj (dy_t W)_j
-            if "taylor" in self.needs:
-                self._batch_rows[name] = accumulate(self._batch_rows.get(name), row_terms.sum(0))
-                self._batch_cols[name] = accumulate(self._batch_cols.get(name), col_terms.sum(0))
-            if "class" in self.needs:
-                self._accumulate_classes(name, x, row_terms, col_terms)
-
-    def _accumulate_classes(self, name: str, x: torch.Tensor, row_terms: torch.Tensor,
-                            col_terms: torch.Tensor) -> None:
-        labels = self._labels
-        n = labels.shape[0]
-        if x.ndim < 2 or x.shape[0] != n:
-            raise RuntimeError(f"class_taylor: the input of {name!r} has shape {list(x.shape)}, "
-                               f"whose first dimension is not the batch ({n}); exclude it.")
-        st = self.stats[name]
-        c = self.num_classes
-        if st.class_rows is None:
-            st.class_rows = row_terms.new_zeros(c, row_terms.shape[1])
-            st.class_cols = col_terms.new_zeros(c, col_terms.shape[1])
-        lab = labels.to(row_terms.device)
-        st.class_rows.index_add_(0, lab, row_terms.reshape(n, -1, row_terms.shape[1]).sum(1))
-        st.class_cols.index_add_(0, lab, col_terms.reshape(n, -1, col_terms.shape[1]).sum(1))
+            call = self._call(name, x, dy)
+            for stat in self.stats.values():
+                if stat.source in ("gradient", "example_gradient"):
+                    stat.add_call(self.target(name, stat), call)
 
     # ---------------------------------------------------------------- zeroth order
     def _zo_batch(self, model: nn.Module, batch: Mapping[str, Any], index: int) -> None:
+        split = index % self.zo.data_split
         with torch.no_grad():
-            for draw in range(self.zo_perturbations):
-                seed = mix_seed(self.seed, index, draw)
+            for estimate in range(self.zo.n_estimate):
+                seed = zo_seed(self.seed, estimate, split)
                 losses = []
                 for sign in (1, -1):
-                    self._zo = (sign, seed)
+                    self._zo_state = (sign, seed)
                     try:
-                        losses.append(batch_loss(model, batch, index))
+                        losses.append(float(batch_loss(model, batch, index)))
                     finally:
-                        self._zo = None
-                coeff = (losses[0] - losses[1]) / (2 * self.zo_eps)
-                for name, (rows, cols) in self._zo_dirs.items():
-                    st = self.stats[name]
-                    c = coeff.to(rows.device, rows.dtype)
-                    st.zo_rows = accumulate(st.zo_rows, c * rows)
-                    st.zo_cols = accumulate(st.zo_cols, c * cols)
-                self._zo_dirs.clear()
-        self._check_finite(index)
+                        self._zo_state = None
+                key = (estimate, split)
+                self._zo_sums[key] = self._zo_sums.get(key, 0.0) + (losses[0] - losses[1])
+        self._zo_counts[split] = self._zo_counts.get(split, 0) + 1
+        self.touched.update(self.modules)
 
     def zo_direction(self, name: str, seed: int) -> torch.Tensor:
-        """The Gaussian perturbation ``Z`` ([d_out, d_in]) of module ``name`` for ``seed``."""
-        w = row_weight(self.modules[name])
-        g = torch.Generator(device=w.device).manual_seed(mix_seed(seed, self.index[name]))
-        return torch.randn(w.shape, generator=g, device=w.device, dtype=w.dtype)
+        """The Gaussian direction ``z`` ([d_out, d_in], the weight's dtype) of ``name``."""
+        return zo_direction(row_weight(self.modules[name]), seed, self.index[name])
 
-    def _perturb(self, name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor
-                 ) -> torch.Tensor:
-        sign, seed = self._zo
+    def _perturb(self, name: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        sign, seed = self._zo_state
         z = self.zo_direction(name, seed)
-        if sign > 0:
-            w = row_weight(module).detach()
-            wz = w.to(accumulation_dtype(w)) * z.to(accumulation_dtype(w))
-            self._zo_dirs[name] = (wz.sum(1), wz.sum(0))
-        return output + (sign * self.zo_eps) * (x @ z.t())
+        return output + (sign * self.zo.eps) * (x @ z.t())
+
+    def module_stats(self, name: str) -> ModuleStats:
+        if self.zo is None:
+            return super().module_stats(name)
+        # Ghat = mean over (estimate, slice) of [(L+ - L-) / 2 eps] z, slices that got data
+        w = row_weight(self.modules[name])
+        ghat = torch.zeros(w.shape, dtype=accumulation_dtype(w), device=w.device)
+        terms = 0
+        for (estimate, split), diff in sorted(self._zo_sums.items()):
+            coeff = diff / (self._zo_counts[split] * 2 * self.zo.eps)
+            z = self.zo_direction(name, zo_seed(self.seed, estimate, split))
+            ghat.add_(z.to(ghat.dtype), alpha=coeff)
+            terms += 1
+        ghat /= max(terms, 1)
+        return ModuleStats(seed=mix_seed(self.seed, self.index[name]),
+                           values={"zo_grad": ghat}, n_examples=self.n_samples)
+
+
+def _batch_major(x: torch.Tensor, n: int | None) -> bool:
+    """True when ``x``'s rows group by example: ``[B, ...]``, or ``[B * T, d]`` flattened
+    batch-first (as OPT's MLP does)."""
+    if n is None or x.ndim < 2:
+        return False
+    return x.shape[0] == n if x.ndim > 2 else x.shape[0] % n == 0
+
+
+def zo_seed(seed: int, estimate: int, split: int) -> int:
+    """The seed of perturbation ``(estimate, split)`` of a zeroth-order pass."""
+    return mix_seed(seed, estimate, split)
+
+
+def zo_direction(weight: torch.Tensor, seed: int, module_index: int) -> torch.Tensor:
+    """Gaussian ``z`` shaped like ``weight`` ([d_out, d_in]) for a perturbation ``seed`` and
+    the module's position among the targets."""
+    g = torch.Generator(device=weight.device).manual_seed(mix_seed(seed, module_index))
+    return torch.randn(weight.shape, generator=g, device=weight.device, dtype=weight.dtype)
 
 
 class _GradientTap(torch.autograd.Function):
-    """Identity on a target's output whose backward hands (input, dL/doutput) to the
-    collector. The input is saved with ``save_for_backward``, so autograd checks it was not
-    modified in place, and a checkpointed block recomputes it instead of keeping it."""
+    """Returns a copy of a target's output (so the model may modify it in place) whose
+    backward hands (input, dL/doutput) to the collector. The input is saved with
+    ``save_for_backward``, so a checkpointed block recomputes it instead of keeping it."""
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, x: torch.Tensor, collector: "StatsCollector",
                 name: str) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.collector, ctx.name = collector, name
-        return output.view_as(output)
+        return output.clone()
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -490,8 +512,3 @@ def _input_requires_grad(module: nn.Module, args: tuple) -> tuple | None:
     if x.requires_grad or not x.is_floating_point():
         return None
     return (x.detach().requires_grad_(True), *args[1:])
-
-
-def accumulate(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """``acc + value`` in place (a copy of ``value`` when ``acc`` is None)."""
-    return value.clone() if acc is None else acc.add_(value)

@@ -16,11 +16,13 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..targets import TargetSpec, find_targets, linear_shape, model_fingerprint, row_weight
+from ..targets import (TargetSpec, find_targets, is_linear_like, linear_shape,
+                       model_fingerprint, name_matches, row_weight)
 from .calibration import StatsCollector, find_blocks, iter_batches
 from .groups import DependencyGroup, apply_groups, find_groups
-from .metrics import GRADIENT_STATS, METRICS, FunctionMetric, ModuleStats, get_metric
+from .metrics import Metric, ModuleStats, get_metric
 from .naive import NaiveGradientCollector
+from .statistics import STATISTICS, get_statistics
 from .report import ImportanceReport
 
 METHODS = ("hooks", "naive")
@@ -28,33 +30,37 @@ BACKENDS = ("native", "torch_pruning")
 
 
 def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
-          metric: str | FunctionMetric = "taylor", n_samples: int | None = None,
+          metric: str | Metric = "taylor", *, n_samples: int | None = None,
           targets: TargetSpec = "all-linear", exclude: TargetSpec = None,
           groups: str | Sequence[DependencyGroup] | None = None, group_reduce: str = "sum",
           seed: int = 0, device: str | torch.device | None = None, progress: bool = True,
           columns: bool = True, method: str = "hooks", backend: str = "native",
-          zo_eps: float = 1e-3, zo_perturbations: int = 1, checkpoint: bool = True
-          ) -> ImportanceReport:
+          checkpoint: bool = True) -> ImportanceReport:
     """Score every output neuron (row) of the target Linear/Conv1D modules.
 
     ``data``: iterable of batch dicts (a DataLoader or a list); gradient metrics need
-    ``labels``. ``n_samples`` caps the examples used (the last batch is cut to fit).
-    ``metric``: a name from ``METRICS`` (l1, l2, taylor, taylor_abs, fisher, hessian, wanda,
-    zo_taylor, class_taylor, random) or a metric object. ``groups="auto"``: coupled rows
-    (heads, q/k/v, gate/up + down columns) share their aggregated (``group_reduce``) score.
-    ``device``: where to score (the model is moved there and back); default: the model's.
-    ``method="naive"``: the ``.grad``-based reference for taylor/taylor_abs/fisher/hessian.
-    ``backend="torch_pruning"``: Torch-Pruning's magnitude importance for l1/l2.
+    ``labels``. ``metric``: a name from ``METRICS`` (l1, l2, taylor, taylor_multivariable,
+    fisher, hessian, wanda, zo_taylor, class_taylor, taylor2_class, random) or a metric object
+    with its settings, e.g. ``ClassTaylor(aggregate="quantiles")`` or
+    ``ZerothOrderTaylor(eps=1e-3, n_estimate=2, data_split=256)``. Options are keyword-only:
+    ``n_samples`` caps the examples used (the last batch is cut to fit). ``groups="auto"``:
+    coupled rows (heads, q/k/v, gate/up + down columns) share their aggregated
+    (``group_reduce``) score. ``device``: where to score (the model is moved there and back);
+    default: the model's. ``method="naive"``: the ``.grad``-based reference for gradient
+    metrics. ``backend="torch_pruning"``: Torch-Pruning's magnitude importance for l1/l2.
     ``checkpoint``: on the hook path, recompute each transformer block's activations in
     backward instead of keeping them (less memory, about one extra forward pass).
-    The model is left as found (weights, requires_grad, train/eval, hooks, .grad), also
-    on error.
+    On a model with row-sparse adapters injected, the frozen base layers are scored under
+    their base names. The model is left as found (weights, requires_grad, train/eval, hooks,
+    .grad), also on error.
 
     >>> report = score(model, batches, metric="taylor", n_samples=64)
     """
     start = time.perf_counter()
     m = get_metric(metric)
+    metric_name = getattr(m, "name", None) or str(metric)
     needs = frozenset(getattr(m, "needs", frozenset()))
+    get_statistics(needs)
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}")
     if backend not in BACKENDS:
@@ -66,9 +72,12 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
                          "pass None to use all of the data.")
     if groups is not None and groups != "auto" and isinstance(groups, str):
         raise ValueError(f"groups must be None, 'auto' or a list of DependencyGroup, not {groups!r}")
-    names = find_targets(model, targets, exclude)
+    _check_not_meta(model)
+    located = _target_names(model, targets, exclude)       # {report name: module name}
+    names = list(located)
     named = dict(model.named_modules())
-    modules = {n: named[n] for n in names}
+    modules = {n: named[located[n]] for n in names}
+    num_classes = _num_classes(model, needs)
     model_device = _model_device(model)
     run_device = torch.device(device) if device is not None else model_device
 
@@ -78,22 +87,21 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
         if backend == "torch_pruning":
             from .tp_backend import torch_pruning_scores
 
-            computed = torch_pruning_scores(modules, getattr(m, "name", str(metric)))
+            computed = torch_pruning_scores(modules, metric_name)
         else:
+            collector = None
             if needs:
-                collector = _collector(model, modules, needs, m, seed, method, zo_eps,
-                                       zo_perturbations, checkpoint)
-                stats = _calibrate(model, data, collector, n_samples, run_device, needs,
-                                   progress, getattr(m, "name", "metric"))
+                collector = _collector(model, modules, needs, m, seed, method, checkpoint,
+                                       num_classes)
+                _calibrate(model, data, collector, n_samples, run_device, progress, metric_name)
                 n_seen, n_tok = collector.n_samples, collector.n_tokens
-            else:
-                stats = {n: ModuleStats(seed=_module_seed(seed, i)) for i, n in enumerate(names)}
             computed = {}
             with torch.no_grad():
-                for name, module in modules.items():
-                    rows, cols = m(row_weight(module).detach(), stats[name])
-                    computed[name] = (rows, cols)
-                    stats[name] = None  # free accumulators as we go
+                for i, (name, module) in enumerate(modules.items()):
+                    stats = (collector.module_stats(name) if collector is not None
+                             else ModuleStats(seed=_module_seed(seed, i)))
+                    computed[name] = m(row_weight(module).detach(), stats)
+                    del stats  # free accumulators as we go
         scores = {n: r for n, (r, _) in computed.items()}
         column_scores = ({n: c for n, (_, c) in computed.items() if c is not None}
                          if columns else {})
@@ -101,17 +109,18 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
         fingerprint = model_fingerprint(model)
     if groups is not None and groups != "auto":
         group_list = list(groups)
+    settings = m.settings() if hasattr(m, "settings") else {}
     report = ImportanceReport(
         scores=scores, shapes={n: linear_shape(modules[n]) for n in names},
-        metric=getattr(m, "name", str(metric)), column_scores=column_scores, groups=head_dims,
-        meta={"metric": getattr(m, "name", str(metric)), "n_samples": n_seen,
+        metric=metric_name, column_scores=column_scores, groups=head_dims,
+        meta={"metric": metric_name, "metric_settings": settings, "n_samples": n_seen,
               "n_tokens": n_tok, "seconds": 0.0, "model_class": type(model).__name__,
               "model_hash": fingerprint,
               "model_parameters": sum(p.numel() for p in model.parameters()),
               "seed": seed, "targets": targets if isinstance(targets, str) or targets is None
               else list(targets), "exclude": exclude if isinstance(exclude, str) or exclude is None
               else list(exclude), "method": method if needs else "weights", "backend": backend,
-              "checkpoint": bool(checkpoint and method == "hooks" and needs & GRADIENT_STATS),
+              "checkpoint": bool(checkpoint and method == "hooks" and _needs_gradients(needs)),
               "device": str(run_device), "groups": "auto" if groups == "auto" else
               ("custom" if groups is not None else None)})
     for name, s in report.scores.items():
@@ -124,34 +133,76 @@ def score(model: nn.Module, data: Iterable[Mapping[str, Any]] | None = None,
     return report
 
 
+def _needs_gradients(needs: Iterable[str]) -> bool:
+    return any(STATISTICS[n].source in ("gradient", "example_gradient") for n in needs)
+
+
 def _module_seed(seed: int, index: int) -> int:
     from .calibration import mix_seed
 
     return mix_seed(seed, index)
 
 
-def _collector(model, modules, needs, metric, seed, method, zo_eps, zo_perturbations,
-               checkpoint):
+def _check_not_meta(model: nn.Module) -> None:
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"score(): {len(meta)} parameter(s) are on the meta device ({', '.join(meta[:3])}"
+            f"{' ...' if len(meta) > 3 else ''}): the model has no real weights to score. Load "
+            "it with real weights first (from_pretrained without device_map='meta' / "
+            "init_empty_weights, or model.to_empty(device=...) then load_state_dict).")
+
+
+def _target_names(model: nn.Module, targets: TargetSpec, exclude: TargetSpec) -> dict[str, str]:
+    """``{report name: module name}``. On a model with adapters injected, the frozen base
+    layers (``<name>.base_layer``) are the targets, matched and reported as ``<name>``."""
+    suffix = ".base_layer"
+    wrapped = any(n.endswith(suffix) and is_linear_like(mod) for n, mod in model.named_modules())
+    if not wrapped:
+        return {n: n for n in find_targets(model, targets, exclude)}
+    all_linear = targets is None or targets == "all-linear"
+    candidates = find_targets(model, "all-linear" if all_linear else ".*")
+    chosen = {}
+    for n in candidates:
+        base = n.removesuffix(suffix)
+        if not all_linear and not name_matches(base, targets):
+            continue
+        if exclude and name_matches(base, exclude):
+            continue
+        chosen[base] = n
+    if not chosen:
+        raise ValueError(f"No Linear/Conv1D module matches targets={targets!r} "
+                         f"exclude={exclude!r} (adapted model: base layers are matched by "
+                         "their base names, e.g. 'q_proj').")
+    return chosen
+
+
+def _num_classes(model: nn.Module, needs: frozenset[str]) -> int | None:
+    if not needs & {"class_grad", "class_grad_sq"}:
+        return None
+    num_classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if not num_classes or not any(k in type(model).__name__ for k in
+                                  ("ForSequenceClassification", "ForImageClassification",
+                                   "ForAudioClassification")):
+        raise ValueError(f"class_taylor needs a classifier with class labels "
+                         f"(…ForSequenceClassification); {type(model).__name__} has none. "
+                         "Use metric='taylor'.")
+    return int(num_classes)
+
+
+def _collector(model, modules, needs, metric, seed, method, checkpoint, num_classes):
     if method == "naive":
-        return NaiveGradientCollector(modules, needs, seed)
-    num_classes = None
-    if "class" in needs:
-        num_classes = getattr(getattr(model, "config", None), "num_labels", None)
-        if not num_classes or not any(k in type(model).__name__ for k in
-                                      ("ForSequenceClassification", "ForImageClassification",
-                                       "ForAudioClassification")):
-            raise ValueError(f"class_taylor needs a classifier with class labels "
-                             f"(…ForSequenceClassification); {type(model).__name__} has none. "
-                             "Use metric='taylor'.")
-    blocks = find_blocks(model, modules) if checkpoint else []
-    return StatsCollector(modules, needs, seed=seed, num_classes=num_classes, zo_eps=zo_eps,
-                          zo_perturbations=zo_perturbations, checkpoint_blocks=blocks)
+        return NaiveGradientCollector(modules, needs, seed, num_classes=num_classes)
+    blocks = find_blocks(model, list(modules)) if checkpoint else []
+    zo = metric if "zo_grad" in needs else None
+    return StatsCollector(modules, needs, seed=seed, num_classes=num_classes,
+                          checkpoint_blocks=blocks, zo=zo)
 
 
-def _calibrate(model, data, collector, n_samples, device, needs, progress, label):
+def _calibrate(model, data, collector, n_samples, device, progress, label) -> None:
     from tqdm.auto import tqdm
 
-    need_labels = bool(needs & (GRADIENT_STATS | {"zo"}))
+    need_labels = _needs_gradients(collector.stats) or "zo" in collector.sources()
     total = n_samples if n_samples is not None else _data_examples(data)
     bar = tqdm(total=total, unit="ex", desc=f"scoring ({label})", disable=not progress,
                leave=False)
@@ -163,7 +214,7 @@ def _calibrate(model, data, collector, n_samples, device, needs, progress, label
     finally:
         collector.detach()
         bar.close()
-    return collector.finalize()
+    collector.finalize()
 
 
 def _data_examples(data: Any) -> int | None:

@@ -2,8 +2,8 @@
 from Torch-Pruning's ``MagnitudeImportance``, one single-layer group per module, built
 by hand so no dependency graph is traced.
 
-Torch-Pruning's ``p``-magnitude is ``sum |w|^p``; it is returned as the ``p``-norm
-(``(sum |w|^p)^(1/p)``) so ``l2`` agrees with the native metric, not its square.
+Torch-Pruning's ``p``-magnitude is ``sum |w|^p``, the same as the native ``l1``/``l2``
+(the authors' p-norm importance, no root).
 
 Usage::
 
@@ -58,5 +58,5 @@ def torch_pruning_scores(modules: Mapping[str, nn.Module], metric: str
         d_out, d_in = module.weight.shape
         rows = imp(_single_layer_group(tp, module, name, tp.prune_linear_out_channels, d_out))
         cols = imp(_single_layer_group(tp, module, name, tp.prune_linear_in_channels, d_in))
-        out[name] = (rows.double().pow(1.0 / p).float(), cols.double().pow(1.0 / p).float())
+        out[name] = (rows.float(), cols.float())
     return out
