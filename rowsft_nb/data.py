@@ -20,6 +20,7 @@ import torch
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal_lm"
+SEQ2SEQ = "seq2seq"  # encoder-decoder (T5-style): labels are the decoder targets, no shift
 IGNORE_INDEX = -100
 
 
@@ -56,7 +57,13 @@ class CausalLMCollator:
 @dataclass
 class TaskData:
     """A tokenised task: splits ready for :func:`rowsft_nb.train`, the task kind
-    (``"classification"`` or ``"causal_lm"``) and the collator that batches it."""
+    (``"classification"`` or ``"causal_lm"``) and the collator that batches it.
+    Classification: ``labels`` are the ids ``0..num_labels-1``; ``label_names[i]`` names id
+    ``i`` (a ClassLabel's names, else the original label values, sorted, as strings: labels
+    {0, 5, 9} become ids 0, 1, 2 with ``label2id == {"0": 0, "5": 1, "9": 2}``).
+
+    >>> model, tok = load_encoder(num_labels=data.num_labels)  # id2label=data.id2label too
+    """
 
     name: str
     kind: str
@@ -70,6 +77,16 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        """``{id: name}`` (the format of ``PretrainedConfig.id2label``)."""
+        return dict(enumerate(self.label_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """``{name: id}``: how the original labels were mapped to ids."""
+        return {name: i for i, name in enumerate(self.label_names)}
+
 
 def _pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
@@ -79,9 +96,35 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+@dataclass
+class Seq2SeqCollator:
+    """Pads ``input_ids``/``attention_mask`` (encoder side) and ``labels`` (decoder
+    targets, -100) separately on the right; the model builds its decoder inputs from labels.
+
+    >>> collate = Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id)
+    """
+
+    pad_token_id: int = 0
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("Seq2SeqCollator got an empty batch")
+        n_in = max(len(f["input_ids"]) for f in features)
+        n_lab = max(len(f["labels"]) for f in features)
+        out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            ids, labels = list(f["input_ids"]), list(f["labels"])
+            mask = list(f.get("attention_mask", [1] * len(ids)))
+            out["input_ids"].append(ids + [self.pad_token_id] * (n_in - len(ids)))
+            out["attention_mask"].append(mask + [0] * (n_in - len(ids)))
+            out["labels"].append(labels + [IGNORE_INDEX] * (n_lab - len(labels)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
 def make_collator(kind: str, tokenizer=None):
     """The collator for a task kind: ``DataCollatorWithPadding`` for classification (or
-    ``default_data_collator`` without a tokenizer), :class:`CausalLMCollator` for causal LM.
+    ``default_data_collator`` without a tokenizer), :class:`CausalLMCollator` for causal LM,
+    :class:`Seq2SeqCollator` for seq2seq.
 
     >>> collate = make_collator("classification", tokenizer)
     """
@@ -91,7 +134,92 @@ def make_collator(kind: str, tokenizer=None):
         return DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator
     if kind == CAUSAL_LM:
         return CausalLMCollator(pad_token_id=_pad_id(tokenizer) if tokenizer is not None else 0)
-    raise ValueError(f"Unknown task kind {kind!r}; use 'classification' or 'causal_lm'")
+    if kind == SEQ2SEQ:
+        return Seq2SeqCollator(pad_token_id=_pad_id(tokenizer) if tokenizer is not None else 0)
+    raise ValueError(f"Unknown task kind {kind!r}; use 'classification', 'causal_lm' or "
+                     "'seq2seq'")
+
+
+_TOKENIZE_HINT = ("tokenise it first: data = rowsft_nb.prepare_task(DatasetDict({'train': ds}), "
+                  "tokenizer), then train(model, data.train, data_collator=data.collator)")
+
+
+def _known_collator(collator) -> bool:
+    """True for the collators this module makes (they need tokenised columns); a custom
+    collator may build its inputs from any columns, so those are not checked."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    return collator is None or collator is default_data_collator or isinstance(
+        collator, (DataCollatorWithPadding, CausalLMCollator, Seq2SeqCollator))
+
+
+def check_tokenized(dataset, kind: str, *, main_input: str = "input_ids", split: str = "train",
+                    collator=None) -> None:
+    """Raise a ValueError naming the expected columns (and how to tokenise) when a
+    ``datasets.Dataset`` cannot feed ``kind`` through ``collator``; nothing to check for other
+    datasets or custom collators.
+
+    >>> check_tokenized(data.train, "classification")
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or not _known_collator(collator):
+        return
+    needed = [main_input] + (["labels"] if kind != CAUSAL_LM else [])
+    have = set(columns) | ({"labels"} if {"label", "label_ids"} & set(columns) else set())
+    missing = [c for c in needed if c not in have]
+    raw = sorted(set(columns) & {"text", "label", "prompt", "response", "sentence"})
+    if missing:
+        what = (f"untokenised columns {raw}" if raw and main_input == "input_ids"
+                else f"columns {sorted(columns)}")
+        raise ValueError(f"The {split} dataset has {what} but a {kind} model trains on "
+                         f"{' + '.join(needed)} (missing {', '.join(missing)}): "
+                         + (_TOKENIZE_HINT if main_input == "input_ids" else
+                            f"add a {main_input!r} column (the model's main input)"))
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    batches_every_column = (collator is None and kind == CLASSIFICATION) or \
+        collator is default_data_collator or isinstance(collator, DataCollatorWithPadding)
+    features = getattr(dataset, "features", None) or {}
+    strings = sorted(c for c, f in features.items()
+                     if getattr(f, "dtype", None) in ("string", "large_string"))
+    if strings and batches_every_column:
+        raise ValueError(f"The {split} dataset still has text columns {strings}, which the "
+                         f"collator cannot batch: drop them with ds.remove_columns({strings})")
+
+
+def label_values(dataset) -> list | None:
+    """The distinct classification labels of a ``datasets.Dataset`` (``labels``, ``label`` or
+    ``label_ids`` column), None when there is no such column or the labels are not integers.
+
+    >>> label_values(data.train)   # [0, 1]
+    """
+    columns = getattr(dataset, "column_names", None) or []
+    name = next((c for c in ("labels", "label", "label_ids") if c in columns), None)
+    if name is None or not hasattr(dataset, "unique"):
+        return None
+    values = dataset.unique(name)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    return sorted(values)
+
+
+def check_label_range(dataset, num_labels: int, *, split: str = "train") -> None:
+    """Raise a ValueError naming the labels outside ``[0, num_labels)`` (-100, ignored by the
+    loss, is allowed) before any training step.
+
+    >>> check_label_range(data.train, model.config.num_labels)
+    """
+    values = label_values(dataset)
+    if values is None:
+        return
+    bad = [v for v in values if not (0 <= v < num_labels or v == IGNORE_INDEX)]
+    if bad:
+        bigger = f"load the model with num_labels={max(values) + 1}, or " if min(bad) >= 0 else ""
+        raise ValueError(
+            f"The {split} dataset has labels {bad[:10]}{' ...' if len(bad) > 10 else ''} outside "
+            f"[0, {num_labels}) (the model has num_labels={num_labels}): {bigger}map the labels "
+            f"to 0..{num_labels - 1} (rowsft_nb.prepare_task maps raw labels to ids and records "
+            "data.label2id)")
 
 
 def _subsample(ds, n: int | None, seed: int):
@@ -134,11 +262,37 @@ def tokenize_instruction(tokenizer, prompt: str, response: str, max_length: int)
             "labels": [IGNORE_INDEX] * len(p) + list(c)}
 
 
+def _label_ids(ds) -> tuple[list[str], dict[Any, int] | None]:
+    """``(label_names, {original label: id} or None)`` for the ``label`` column of every
+    split: a ClassLabel keeps its ids (None); other labels (ints such as {0, 5, 9}, or
+    strings) are mapped to 0..n-1 in sorted order. Refuses labels it cannot map."""
+    feature = ds["train"].features["label"]
+    values: set = set()
+    for split in ds.values():
+        values.update(split.unique("label"))
+    if getattr(feature, "names", None):
+        bad = sorted(v for v in values if not 0 <= v < len(feature.names))
+        if bad:
+            raise ValueError(f"label values {bad[:10]} are not ids of the ClassLabel "
+                             f"{feature.names} (-1 marks an unlabeled example): drop those rows "
+                             "first, e.g. ds = ds.filter(lambda r: r['label'] >= 0)")
+        return list(feature.names), None
+    if None in values:
+        raise ValueError("the label column has missing values (None): drop those rows first")
+    kinds = {type(v) for v in values}
+    if len(kinds) > 1 or not (kinds <= {int, str, bool}):
+        raise ValueError(f"labels must be all integers or all strings, got "
+                         f"{sorted(map(repr, values))[:10]}")
+    ordered = sorted(values)
+    return [str(v) for v in ordered], {v: i for i, v in enumerate(ordered)}
+
+
 def prepare_task(task, tokenizer, *, max_length: int = 128, n_train: int | None = None,
                  n_eval: int | None = None, seed: int = 0) -> TaskData:
     """Tokenise an embedded task (by name) or a ``DatasetDict`` with ``text``/``label`` or
     ``prompt``/``response`` columns. ``n_train``/``n_eval`` subsample (seeded) the train and
-    the validation/test splits for fast runs.
+    the validation/test splits for fast runs. Labels that are not a ClassLabel (e.g. {0, 5,
+    9} or strings) become ids 0..n-1 in sorted order; ``data.label2id`` records the mapping.
 
     >>> data = prepare_task("movie_sentiment", tok, max_length=64, n_train=800, n_eval=200)
     """
@@ -165,13 +319,11 @@ def prepare_task(task, tokenizer, *, max_length: int = 128, n_train: int | None 
 
     if {"text", "label"} <= columns:
         kind = CLASSIFICATION
-        feature = ds["train"].features["label"]
-        label_names = list(getattr(feature, "names", None) or
-                           [str(v) for v in sorted(set(ds["train"]["label"]))])
+        label_names, to_id = _label_ids(ds)
 
         def encode(batch):
             enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
-            enc["labels"] = batch["label"]
+            enc["labels"] = [to_id[v] for v in batch["label"]] if to_id else batch["label"]
             return enc
     elif {"prompt", "response"} <= columns:
         kind, label_names = CAUSAL_LM, []
@@ -180,9 +332,14 @@ def prepare_task(task, tokenizer, *, max_length: int = 128, n_train: int | None 
             rows = [tokenize_instruction(tokenizer, p, r, max_length)
                     for p, r in zip(batch["prompt"], batch["response"])]
             return {k: [row[k] for row in rows] for k in ("input_ids", "attention_mask", "labels")}
+    elif "input_ids" in columns:
+        raise ValueError(f"The dataset is already tokenised (columns {sorted(columns)}): pass its "
+                         "splits to rowsft_nb.train() directly; prepare_task tokenises raw "
+                         "text+label or prompt+response columns")
     else:
         raise ValueError(f"Cannot tell the task kind from columns {sorted(columns)}: expected "
-                         "text+label (classification) or prompt+response (instruction)")
+                         "text+label (classification) or prompt+response (instruction); rename "
+                         "yours first, e.g. ds = ds.rename_column('sentence', 'text')")
 
     tokenized = {k: (v.map(encode, batched=True, remove_columns=v.column_names)
                      if v is not None else None) for k, v in splits.items()}

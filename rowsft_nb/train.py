@@ -24,16 +24,18 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, make_collator
+from .data import (CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, check_label_range,
+                   check_tokenized, make_collator)
 
 __all__ = ["train", "TrainResult", "TrainingObserver", "NonFiniteLossError", "pick_device",
-           "list_devices", "infer_task_kind"]
+           "list_devices", "infer_task_kind", "resolve_device", "output_path_problem"]
 
 
 # ---------------------------------------------------------------------------- devices
@@ -66,7 +68,12 @@ def list_devices() -> list[tuple[str, str]]:
     return out
 
 
-def _resolve_device(device: str | torch.device | None) -> str:
+def resolve_device(device: str | torch.device | None) -> str:
+    """``"cuda"``, ``"mps"`` or ``"cpu"`` for a ``device`` argument, or a ValueError saying
+    why it cannot be used here (no CUDA, no such GPU, unknown name).
+
+    >>> resolve_device("auto")   # 'cpu' on a machine without an accelerator
+    """
     d = "auto" if device is None else str(device)
     if d == "auto":
         return pick_device()
@@ -77,9 +84,89 @@ def _resolve_device(device: str | torch.device | None) -> str:
             raise ValueError("device='mps' but MPS is not available here; use device='cpu' or 'auto'")
         return "cuda" if d.startswith("cuda") else d
     if d.startswith("cuda:"):
+        pick = "pick a GPU with CUDA_VISIBLE_DEVICES=N and device='cuda'"
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = d.split(":", 1)[1]
+        if n == 0:
+            raise ValueError(f"device={d!r} but CUDA is not available here; use device='cpu' or "
+                             f"'auto' (on a GPU machine, {pick})")
+        if not index.isdigit() or int(index) >= n:
+            raise ValueError(f"device={d!r} but this machine has {n} CUDA device(s) "
+                             f"(cuda:0..cuda:{n - 1}); {pick}")
         raise ValueError(f"device={d!r}: Trainer places the model on the visible GPUs itself; "
-                         "pick one with CUDA_VISIBLE_DEVICES=N and device='cuda'")
+                         f"{pick}")
     raise ValueError(f"Unknown device {d!r}; use 'auto', 'cuda', 'mps' or 'cpu'")
+
+
+def output_path_problem(path: str | os.PathLike, *, folder: bool = True) -> str | None:
+    """Why ``path`` cannot be written (an existing file where a folder is wanted or the
+    reverse, a regular file on the way, no write permission), or None when it can.
+
+    >>> output_path_problem("outputs/adapter")   # None
+    """
+    p = Path(path).expanduser()
+    if p.exists():
+        if folder and not p.is_dir():
+            return f"{p} is a file, not a folder"
+        if not folder and p.is_dir():
+            return f"{p} is a folder; give a file name"
+    ancestor = p if (folder and p.exists()) else p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so {p} cannot be created under it"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
+def _whole(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` must be a whole number >= 1 (None allowed when ``optional``)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and float(value).is_integer() and value >= 1):
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}"
+                         + (" (None for the default)" if optional else ""))
+
+
+def _positive(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` must be a finite number > 0 (None allowed when ``optional``)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse models train() cannot use: weights on the meta device, a merged adapter."""
+    from .adapter.layer import RowSparseLinear
+
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device.type == "meta"]
+    if meta:
+        raise ValueError(f"{len(meta)} parameters/buffers of the model are on the meta device "
+                         f"(e.g. {meta[0]!r}): it has no weights to train. Load it with real "
+                         "weights (from_pretrained without device_map='meta' or "
+                         "init_empty_weights), or model.to_empty(device='cpu') and load a "
+                         "state_dict")
+    merged = [n for n, m in model.named_modules() if isinstance(m, RowSparseLinear) and m.merged]
+    if merged:
+        raise ValueError(f"The row-sparse adapter is merged into the base weights ({len(merged)} "
+                         f"layers, e.g. {merged[0]!r}), so training would not reach the deltas: "
+                         "call rowsft_nb.unmerge(model) first (and merge again after training)")
+
+
+def _num_labels(model: nn.Module) -> int | None:
+    """``config.num_labels`` of a single-label classifier, else None (regression, multi-label)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    n = getattr(config, "num_labels", None)
+    if not isinstance(n, int) or n < 2 or getattr(config, "problem_type", None) in (
+            "regression", "multi_label_classification"):
+        return None
+    return n
 
 
 # ---------------------------------------------------------------------------- results
@@ -167,10 +254,13 @@ def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- metrics
 def infer_task_kind(model: nn.Module, dataset=None) -> str:
-    """``"classification"`` or ``"causal_lm"`` from the model class (PEFT models are
-    unwrapped), falling back to the shape of the dataset's ``labels``."""
+    """``"classification"``, ``"causal_lm"`` or ``"seq2seq"`` (encoder-decoder LMs such as
+    T5) from the model class (PEFT models are unwrapped), falling back to the shape of the
+    dataset's ``labels``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
+    if _is_seq2seq_lm(base):
+        return SEQ2SEQ
     if name.endswith(("ForSequenceClassification", "ForImageClassification",
                       "ForAudioClassification")):
         return CLASSIFICATION
@@ -180,6 +270,16 @@ def infer_task_kind(model: nn.Module, dataset=None) -> str:
         return CAUSAL_LM if isinstance(dataset[0]["labels"], (list, tuple)) else CLASSIFICATION
     raise ValueError(f"Cannot tell the task kind of {name}; pass task='classification' "
                      "or task='causal_lm'")
+
+
+def _is_seq2seq_lm(model: nn.Module) -> bool:
+    """True for AutoModelForSeq2SeqLM-type models (encoder-decoder with an LM head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    return name in set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()) or (
+        bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        and name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")))
 
 
 def _first_logits(logits):
@@ -203,6 +303,16 @@ def _token_nll(logits, labels):
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp_min(0),
                                       reduction="none")
     mask = (target != IGNORE_INDEX).float()
+    return torch.stack([(nll * mask).sum(1), mask.sum(1)], dim=1)
+
+
+def _token_nll_seq2seq(logits, labels):
+    """As :func:`_token_nll` for encoder-decoder models: logits[:, t] predicts labels[:, t]
+    (the model feeds the shifted labels to its decoder), so nothing is shifted here."""
+    logits = _first_logits(logits).float()
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0),
+                                      reduction="none")
+    mask = (labels != IGNORE_INDEX).float()
     return torch.stack([(nll * mask).sum(1), mask.sum(1)], dim=1)
 
 
@@ -282,6 +392,45 @@ def _make_trainer_class():
                     p.copy_(s)
             return self._snapshot_step
 
+        # Checkpoints (issue 11): Trainer writes checkpoint-N in place, so a run killed
+        # mid-save leaves a partial folder that resume_from=True would pick. Single-process
+        # runs write it in a hidden staging folder and rename it into place (rowsft_nb._io).
+        _staging: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            from transformers.trainer import TRAINER_STATE_NAME
+
+            from ._io import publish_dir, staging_dir
+
+            if self.args.world_size > 1:  # ranks write in parallel: Trainer's own way
+                return super()._save_checkpoint(model, trial)
+            run_dir = super()._get_output_dir(trial)
+            name = f"checkpoint-{self.state.global_step}"
+            with staging_dir(os.path.join(run_dir, name)) as staging:
+                self._staging = str(staging)
+                try:
+                    super()._save_checkpoint(model, trial)  # rotates nothing: one folder
+                finally:
+                    self._staging = None
+                best = getattr(self.state, "best_global_step", None)
+                if best:  # Trainer looked for the best checkpoint in the staging folder
+                    best_dir = os.path.join(run_dir, f"checkpoint-{best}")
+                    if best == self.state.global_step or os.path.isdir(best_dir):
+                        self.state.best_model_checkpoint = best_dir
+                        self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+                publish_dir(staging / name, os.path.join(run_dir, name))
+            try:
+                from transformers.trainer_utils import rotate_checkpoints
+            except ImportError:  # transformers < 5
+                self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+            else:
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint,
+                                   use_mtime=True)
+
     return RowTrainer
 
 
@@ -327,7 +476,8 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
     """Train whatever parameters of ``model`` require grad (a row-sparse adapter after
     ``inject``, a PEFT model, or a full model) with ``transformers.Trainer``.
 
-    ``task``: ``"classification"`` (accuracy) or ``"causal_lm"`` (loss, perplexity);
+    ``task``: ``"classification"`` (accuracy), ``"causal_lm"`` or ``"seq2seq"`` (loss as
+    the model computes it, perplexity);
     inferred from the model class when None. ``epochs`` defaults to 1; ``max_steps``
     overrides it. ``device``: ``"auto"`` (CUDA, then MPS, then CPU), ``"cuda"``, ``"mps"``
     or ``"cpu"``. ``bf16="auto"``: bf16 autocast on GPUs that support it. With
@@ -335,15 +485,27 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
     checkpoint folder, or True for the latest in ``output_dir``) continues one.
     ``nan_guard``: stop on a NaN/inf loss and restore the trainable weights of the last
     finite step (keeps one copy of the trainable parameters). Extra keyword arguments go to
-    ``TrainingArguments``.
+    ``TrainingArguments``. Before anything runs, bad input raises one ValueError naming the
+    fix: ``max_steps``/``batch_size`` not whole numbers >= 1, ``epochs``/``lr`` not finite
+    > 0, an ``output_dir`` that cannot be a folder, untokenised or missing columns, labels
+    outside ``[0, num_labels)``, a merged adapter, a model on the meta device.
 
     >>> result = train(model, data.train, eval_dataset=data.validation, tokenizer=tok, max_steps=50)
     """
     from transformers import PrinterCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    _whole("max_steps", max_steps, optional=True)
+    _positive("epochs", epochs, optional=True)
+    _positive("lr", lr)
+    _whole("batch_size", batch_size)
+    _whole("eval_batch_size", eval_batch_size, optional=True)
+    _whole("grad_accum", grad_accum)
+    if output_dir is not None and (problem := output_path_problem(output_dir)):
+        raise ValueError(f"output_dir: {problem}")
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty")
+    _check_model(model)
     n_trainable = _count_trainable(model)
     if n_trainable == 0:
         raise ValueError("The model has no trainable parameters: call rowsft_nb.inject(model, plan), "
@@ -355,9 +517,16 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
     if resume_from not in (None, True, False) and not os.path.isdir(resume_from):
         raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder")
     kind = task or infer_task_kind(model, dataset)
-    if kind not in (CLASSIFICATION, CAUSAL_LM):
-        raise ValueError(f"task must be 'classification' or 'causal_lm', got {kind!r}")
-    dev = _resolve_device(device)
+    if kind not in (CLASSIFICATION, CAUSAL_LM, SEQ2SEQ):
+        raise ValueError(f"task must be 'classification', 'causal_lm' or 'seq2seq', got {kind!r}")
+    main_input = getattr(model, "main_input_name", None) or "input_ids"
+    n_labels = _num_labels(model) if kind == CLASSIFICATION else None
+    for split, ds in (("train", dataset), ("eval", eval_dataset)):
+        if ds is not None:
+            check_tokenized(ds, kind, main_input=main_input, split=split, collator=data_collator)
+            if n_labels is not None:
+                check_label_range(ds, n_labels, split=split)
+    dev = resolve_device(device)
     use_bf16 = (dev == "cuda" and torch.cuda.is_bf16_supported()) if bf16 == "auto" else bool(bf16)
     collator = data_collator or make_collator(kind, tokenizer)
 
@@ -373,7 +542,7 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
         output_dir=out_dir, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=eval_batch_size or batch_size,
         gradient_accumulation_steps=grad_accum, learning_rate=lr,
-        num_train_epochs=float(epochs or 1), max_steps=int(max_steps) if max_steps else -1,
+        num_train_epochs=float(epochs or 1), max_steps=int(max_steps) if max_steps is not None else -1,
         weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
         max_grad_norm=max_grad_norm, seed=seed, data_seed=seed, use_cpu=(dev == "cpu"),
         bf16=use_bf16, logging_steps=logging_steps, logging_strategy="steps",
@@ -397,7 +566,8 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
             model=model, args=args, data_collator=collator, train_dataset=dataset,
             eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=all_callbacks,
             compute_metrics=_accuracy if is_cls else _perplexity,
-            preprocess_logits_for_metrics=_argmax_logits if is_cls else _token_nll)
+            preprocess_logits_for_metrics=_argmax_logits if is_cls else
+            (_token_nll_seq2seq if kind == SEQ2SEQ else _token_nll))
     finally:
         hf_logging.set_verbosity(verbosity)
     trainer.nan_guard = nan_guard

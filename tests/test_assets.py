@@ -141,3 +141,44 @@ def test_doctor_exits_zero(capsys):
     assert doctor.main() == 0
     out = capsys.readouterr().out
     assert "transformers" in out and "device:" in out and "all good" in out
+
+
+FIRST_LOAD_CELL = """\
+import transformers
+transformers.logging.disable_progress_bar()   # as the notebooks do
+from rowsft_nb.assets import load_causal_lm
+model, tok = load_causal_lm()
+print(type(model).__name__, sum(p.numel() for p in model.parameters()))
+model
+"""
+
+
+def _run_cell(source: str) -> list[dict]:
+    """Outputs of one cell executed in a fresh Jupyter kernel (what nbval compares)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    NotebookClient(nb, timeout=600, kernel_name="python3").execute()
+    outputs = []
+    for out in nb.cells[0].outputs:
+        out = dict(out)
+        out.pop("execution_count", None)
+        outputs.append(out)
+    return outputs
+
+
+@pytest.mark.slow
+def test_first_load_of_causal_lm_prints_what_later_loads_print(tmp_cache, monkeypatch):
+    """An empty cache (a fresh machine) converts the GGUF; the cell's outputs must be
+    those of a warm run (nbval checks notebook 05's first cell byte for byte)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not tmp_cache.exists()
+    cold = _run_cell(FIRST_LOAD_CELL)
+    assert assets._cache_is_complete(assets._smollm_cache())
+    warm = _run_cell(FIRST_LOAD_CELL)
+    assert cold == warm
+    assert [o["output_type"] for o in cold] == ["stream", "execute_result"]
+    assert cold[0] == {"output_type": "stream", "name": "stdout",
+                       "text": "LlamaForCausalLM 134515008\n"}
+    assert cold[1]["data"]["text/plain"].startswith("LlamaForCausalLM(")
