@@ -5,6 +5,7 @@ Shared by the tests, the browser-test notebook and quick benchmarks.
 Usage::
 
     model = tiny_llama()                       # LlamaForCausalLM, GQA (4 heads, 2 KV heads)
+    model = tiny_model("gpt_neox")             # any of ARCHITECTURES (13 model families)
     batches = random_batches(model, n=4)       # list of dicts with input_ids/attention_mask/labels
 """
 from __future__ import annotations
@@ -63,6 +64,75 @@ def tiny_vit(seed: int = 0, num_labels: int = 3) -> nn.Module:
     return _seeded(lambda: ViTForImageClassification(cfg), seed)
 
 
+def _tiny_from_config(model_cls: str, config_cls: str, seed: int, **kwargs) -> nn.Module:
+    import transformers
+
+    cfg = getattr(transformers, config_cls)(**kwargs)
+    return _seeded(lambda: getattr(transformers, model_cls)(cfg), seed)
+
+
+_LM = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+           num_attention_heads=4, max_position_embeddings=64)
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+# architecture -> (model class, config class, config kwargs): tiny random models (hidden 32,
+# 2 layers, 4 heads, vocab 128), no dropout so that outputs are deterministic in train mode.
+TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig",
+                 dict(_LM, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+                      use_parallel_residual=True, tie_word_embeddings=False)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config",
+             dict(_LM, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config",
+              dict(_LM, num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": ("MistralForCausalLM", "MistralConfig",
+                dict(_LM, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(_LM, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPTForCausalLM", "OPTConfig",
+            dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                 dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2,
+                 eos_token_id=2)),
+    "falcon": ("FalconForCausalLM", "FalconConfig",
+               dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    multi_query=True, new_decoder_architecture=False, parallel_attn=True,
+                    hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1,
+                    eos_token_id=2)),
+    "t5": ("T5ForConditionalGeneration", "T5Config",
+           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, dropout_rate=0.0,
+                feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                eos_token_id=1, tie_word_embeddings=False)),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig",
+                dict(_LM, num_labels=2, pad_token_id=1, **_NO_DROPOUT)),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig",
+                   dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                        max_position_embeddings=64, num_labels=2, dropout=0.0,
+                        attention_dropout=0.0, seq_classif_dropout=0.0)),
+}
+ARCHITECTURES = ("gpt2", "gpt_neox", "phi3", "qwen2", "mistral", "gemma3", "opt", "falcon",
+                 "t5", "roberta", "distilbert", "vit", "llama")
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random model of one of :data:`ARCHITECTURES`, built from a config (offline).
+    ``overrides`` change config fields, e.g.
+    ``tiny_model("falcon", new_decoder_architecture=True, num_kv_heads=2)``.
+
+    Usage: ``model = tiny_model("gpt_neox")``
+    """
+    if arch in ("llama", "gpt2", "vit", "bert") and not overrides:
+        return globals()[f"tiny_{arch}"](seed)
+    if arch not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of "
+                         f"{sorted(set(ARCHITECTURES) | set(TINY_CONFIGS))}")
+    model_cls, config_cls, kwargs = TINY_CONFIGS[arch]
+    return _tiny_from_config(model_cls, config_cls, seed, **{**kwargs, **overrides})
+
+
 def random_batches(model: nn.Module, n: int = 4, batch_size: int = 4, seq_len: int = 16,
                    seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``n`` random batches that fit ``model``: token ids (or pixels for ViT) with labels
@@ -108,7 +178,7 @@ def synthetic_report(shapes: dict[str, tuple[int, int]], seed: int = 0,
         model_parameters = sum(o * i for o, i in shapes.values())
     return ImportanceReport(
         scores=dict(zip(shapes, rows)), shapes=shapes, metric=metric,
-        column_scores=dict(zip(shapes, cols)), groups=dict(groups or {}),
+        column_scores=dict(zip(shapes, cols)), head_dims=dict(groups or {}),
         meta={"metric": metric, "n_samples": 0, "n_tokens": 0, "seconds": 0.0,
               "model_class": model_class, "model_hash": f"synthetic-{seed}",
               "model_parameters": int(model_parameters), "seed": seed,

@@ -531,3 +531,27 @@ def test_save_through_a_ddp_style_wrapper(tmp_path):
     for name, layer in adapted_modules(model).items():
         assert torch.equal(loaded.get_submodule(name).delta, layer.delta)
     assert trainable_parameters(Wrapper(model)) == trainable_parameters(model)
+
+
+# ---------------------------------------------------------------- base weight/bias views
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_wrapper_exposes_base_weight_and_bias_without_duplicating_them(conv1d):
+    model = build("gpt2" if conv1d else "bert")
+    plan = make_plan(model)
+    n_params = len(list(model.parameters()))
+    keys = set(model.state_dict())
+    inject(model, plan, bias=True)
+    for name, layer in adapted_modules(model).items():
+        assert layer.weight is layer.base_layer.weight      # as model code reads it (T5)
+        assert layer.bias is layer.base_layer.bias
+        assert layer.weight.dtype == torch.float32 and not layer.weight.requires_grad
+        own = {k for k, _ in layer.named_parameters(recurse=False)}
+        assert own == {"delta", "delta_bias"}
+        with pytest.raises((AttributeError, KeyError)):
+            layer.weight = nn.Parameter(torch.zeros(1))     # read-only
+    deltas = sum(len(m.delta_parameters()) for m in adapted_modules(model).values())
+    assert len(list(model.parameters())) == n_params + deltas
+    after = set(model.state_dict())
+    assert not any(k.endswith(".weight") and ".base_layer." not in k and k.replace(
+        ".weight", ".base_layer.weight") in after for k in after)
+    assert {k.replace(".base_layer", "") for k in after if "delta" not in k} == keys

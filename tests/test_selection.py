@@ -330,3 +330,38 @@ def test_new_budget_on_7b_shapes_is_fast():
     plan = select(rep, ParamBudget(0.0123))
     assert time.perf_counter() - t0 < 2.0  # generous; the benchmark checks the 50 ms goal
     assert plan.num_rows() > 10_000
+
+
+# ---------------------------------------------------------------- ties inside a group
+def test_grouped_rows_are_ranked_by_their_own_score_inside_the_group(tmp_path):
+    """groups="auto" gives a q head's rows one score; Ratio(0.1) must take the best rows of the
+    best head by their own score, not its first rows by index."""
+    from rowsft_nb import score, testing
+
+    model = testing.tiny_llama()
+    raw = score(model, metric="l2", progress=False)
+    grouped = score(model, metric="l2", progress=False, groups="auto")
+    name = "model.layers.0.self_attn.q_proj"
+    hd = grouped.head_dims[name]
+    assert torch.equal(grouped.raw_scores[name], raw.scores[name])
+    assert grouped.scores[name].view(-1, hd).unique(dim=1).shape[1] == 1  # one score per head
+
+    own = raw.scores[name]
+    best = int(own.view(-1, hd).sum(1).argmax())
+    k = round(0.1 * own.numel())
+    block = own[best * hd:(best + 1) * hd]
+    expected = sorted((best * hd + torch.topk(block, k).indices).tolist())
+    assert expected != list(range(best * hd, best * hd + k))  # the index order would differ
+    assert select(grouped, Ratio(0.1)).rows[name].tolist() == expected
+
+    grouped.save(tmp_path / "r.safetensors")  # the tie-break survives a round trip
+    loaded = ImportanceReport.load(tmp_path / "r.safetensors")
+    assert torch.equal(loaded.raw_scores[name], grouped.raw_scores[name])
+    assert select(loaded, Ratio(0.1)).rows[name].tolist() == expected
+
+
+def test_tie_break_key_orders_rows_with_equal_scores():
+    rep = make_report({"m": [1.0, 1.0, 1.0, 1.0, 0.5]}, {"m": 3})
+    rep.raw_scores["m"] = torch.tensor([0.1, 0.4, 0.3, 0.2, 0.9])
+    assert rows_of(select(rep, FixedRows(2))) == {"m": [1, 2]}
+    assert rows_of(select(rep, FixedRows(4))) == {"m": [0, 1, 2, 3]}

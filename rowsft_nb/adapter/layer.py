@@ -19,6 +19,8 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 from typing import Any, Sequence
 
 import torch
@@ -26,19 +28,78 @@ from torch import nn
 
 from ..targets import is_conv1d, is_linear_like, linear_shape, row_weight
 
-__all__ = ["RowSparseLinear", "row_delta", "column_delta", "resolve_delta_dtype"]
+__all__ = ["RowSparseLinear", "row_delta", "column_delta", "resolve_delta_dtype",
+           "check_dropout", "check_not_meta", "check_init", "init_generator", "INITS"]
+
+#: Delta initialisations: "zeros" (the layer equals its base until a step is taken) or
+#: "kaiming" (the authors' LLM path: U(-1/sqrt(d_in), 1/sqrt(d_in)), torch's nn.Linear default
+#: ``kaiming_uniform_(a=sqrt(5))``, for row and column deltas; bias deltas always start at 0).
+INITS = ("zeros", "kaiming")
+
+
+def check_init(init: Any, seed: Any = 0) -> str:
+    """``init`` if it is one of :data:`INITS` and ``seed`` an int, else ``ValueError``.
+
+    >>> check_init("kaiming", seed=0)
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS} ('zeros': model unchanged at step 0; "
+                         f"'kaiming': the authors' random start), got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int (seeds init='kaiming'), got {seed!r}")
+    return init
+
+
+def init_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for module ``name``'s kaiming draw: the values depend on ``seed`` and
+    the name only (not on the global RNG, the device or the order modules are visited).
+
+    >>> RowSparseLinear(lin, rows=[0], init="kaiming", generator=init_generator(0, "fc"))
+    """
+    digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
 def resolve_delta_dtype(base_dtype: torch.dtype, delta_dtype: torch.dtype | None) -> torch.dtype:
     """Delta dtype: as asked, else float32 for half-precision bases (as PEFT does for
     adapter weights: bf16/fp16 optimizer updates on tiny deltas round away), else the base's."""
     if delta_dtype is not None:
-        if not delta_dtype.is_floating_point:
-            raise ValueError(f"delta_dtype must be a floating dtype, got {delta_dtype}")
+        if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
+            raise ValueError(f"delta_dtype must be a floating torch dtype (torch.float32, "
+                             f"torch.bfloat16, ...) or None, got {delta_dtype!r}")
         return delta_dtype
     if base_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return base_dtype if base_dtype.is_floating_point else torch.float32
+
+
+def check_dropout(dropout: Any) -> float:
+    """``float(dropout)`` if it is a number in [0, 1), else ``ValueError`` saying so.
+
+    >>> check_dropout(0.1)
+    """
+    try:
+        value = float(dropout)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(dropout, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1) (probability on the delta "
+                         f"path), got {dropout!r}")
+    return value
+
+
+def check_not_meta(module: nn.Module, name: str) -> None:
+    """``ValueError`` when ``module`` has parameters on the meta device (no real weights).
+
+    >>> check_not_meta(model.model.layers[0].self_attn.q_proj, "q_proj")
+    """
+    meta = [k for k, p in module.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(f"{name or type(module).__name__} has parameters on the meta device "
+                         f"({', '.join(meta[:3])}): the model has no real weights yet. Load it "
+                         "with real weights first (from_pretrained(...) without device_map="
+                         "'meta'/init_empty_weights, or model.to_empty(device=...) followed by "
+                         "load_state_dict) and then inject/score it.")
 
 
 def _compute_dtype(x: torch.Tensor, delta: torch.Tensor) -> torch.dtype:
@@ -168,24 +229,28 @@ def _index(values: Sequence[int] | torch.Tensor | None, size: int, what: str,
 
 
 class RowSparseLinear(nn.Module):
-    """A frozen ``nn.Linear``/GPT-2 ``Conv1D`` (``.base_layer``) plus zero-initialised
-    trainable deltas on selected output rows (``.delta`` [r, d_in], ``.delta_bias`` [r])
-    and/or selected input columns (``.column_delta`` [d_out, c]).
+    """A frozen ``nn.Linear``/GPT-2 ``Conv1D`` (``.base_layer``) plus trainable deltas on
+    selected output rows (``.delta`` [r, d_in], ``.delta_bias`` [r]) and/or selected input
+    columns (``.column_delta`` [d_out, c]). ``init="zeros"`` (default: equals the base until a
+    step is taken) or ``"kaiming"`` (row/column deltas ~ U(+-1/sqrt(d_in)) drawn with
+    ``generator``; bias deltas zero).
 
     >>> layer = RowSparseLinear(nn.Linear(64, 32), rows=[0, 5], bias=True, dropout=0.1)
     """
 
     def __init__(self, base_layer: nn.Module, rows: Sequence[int] | torch.Tensor | None = None,
                  columns: Sequence[int] | torch.Tensor | None = None, *, bias: bool = False,
-                 dropout: float = 0.0, delta_dtype: torch.dtype | None = None) -> None:
+                 dropout: float = 0.0, delta_dtype: torch.dtype | None = None,
+                 init: str = "zeros", generator: torch.Generator | None = None) -> None:
         super().__init__()
+        check_init(init)
         if isinstance(base_layer, RowSparseLinear):
             raise ValueError("RowSparseLinear: the layer already has a row-sparse adapter")
         if not is_linear_like(base_layer):
             raise TypeError(f"RowSparseLinear wraps nn.Linear or transformers Conv1D, "
                             f"not {type(base_layer).__name__}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
+        check_not_meta(base_layer, type(base_layer).__name__)
         d_out, d_in = linear_shape(base_layer)
         weight = base_layer.weight
         device = weight.device
@@ -206,10 +271,33 @@ class RowSparseLinear(nn.Module):
                            if (bias and r) else None)
         self.column_delta = (nn.Parameter(torch.zeros(d_out, c, dtype=dtype, device=device))
                              if c else None)
+        self.init = init
+        if init == "kaiming":  # drawn in float32 on CPU: same values on every device/dtype
+            bound = 1.0 / math.sqrt(d_in)
+            with torch.no_grad():
+                for p in (self.delta, self.column_delta):
+                    if p is not None:
+                        p.copy_(torch.empty(p.shape, dtype=torch.float32)
+                                .uniform_(-bound, bound, generator=generator))
         self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merge_backup: dict[str, torch.Tensor] | None = None
         self._created_bias = False
+
+    # ------------------------------------------------------------------ base views
+    # Read-only views of the frozen base layer's tensors, as PEFT tuner layers expose them:
+    # model code reads ``layer.weight.dtype`` (T5's feed-forward) or ``layer.bias``. They are
+    # properties, not registered parameters, so parameters()/state_dict() hold them once
+    # (under ``base_layer.``).
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (stored layout: [d_out, d_in] Linear, [d_in, d_out] Conv1D)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (``None`` when it has none)."""
+        return self.base_layer.bias
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -246,54 +334,64 @@ class RowSparseLinear(nn.Module):
     def merge(self) -> None:
         """Add the deltas into the base weights in place (W0[rows] += dW, W0[:, cols] += dC,
         b0[rows] += db), keeping a copy of the touched entries so :meth:`unmerge` restores
-        them bit-exactly. The forward pass then skips the delta path."""
+        them bit-exactly. The forward pass then skips the delta path. On an error part-way
+        the entries already written are restored, and the layer stays unmerged."""
         if self.merged:
             return
         self.check_finite()
         base = self.base_layer
         w = row_weight(base)  # [d_out, d_in] view of the stored weight
         backup: dict[str, torch.Tensor] = {}
-        if self.delta is not None:
-            old = w.index_select(0, self.rows)
-            backup["rows"] = old.clone()
-            w.index_copy_(0, self.rows, (old.to(self.delta.dtype) + self.delta).to(w.dtype))
-        if self.delta_bias is not None:
-            if base.bias is None:
-                base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype,
-                                                     device=w.device), requires_grad=False)
-                self._created_bias = True
-            old_b = base.bias.index_select(0, self.rows)
-            backup["bias"] = old_b.clone()
-            base.bias.index_copy_(0, self.rows,
-                                  (old_b.to(self.delta_bias.dtype) + self.delta_bias)
-                                  .to(base.bias.dtype))
-        if self.column_delta is not None:
-            old_c = w.index_select(1, self.columns)
-            backup["columns"] = old_c.clone()
-            w.index_copy_(1, self.columns,
-                          (old_c.to(self.column_delta.dtype) + self.column_delta).to(w.dtype))
         self._merge_backup = backup
+        try:
+            if self.delta is not None:
+                old = w.index_select(0, self.rows)
+                backup["rows"] = old.clone()
+                w.index_copy_(0, self.rows, (old.to(self.delta.dtype) + self.delta).to(w.dtype))
+            if self.delta_bias is not None:
+                if base.bias is None:
+                    base.bias = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype,
+                                                         device=w.device), requires_grad=False)
+                    self._created_bias = True
+                old_b = base.bias.index_select(0, self.rows)
+                backup["bias"] = old_b.clone()
+                base.bias.index_copy_(0, self.rows,
+                                      (old_b.to(self.delta_bias.dtype) + self.delta_bias)
+                                      .to(base.bias.dtype))
+            if self.column_delta is not None:
+                old_c = w.index_select(1, self.columns)
+                backup["columns"] = old_c.clone()
+                w.index_copy_(1, self.columns,
+                              (old_c.to(self.column_delta.dtype) + self.column_delta)
+                              .to(w.dtype))
+        except BaseException:
+            self._restore(backup)
+            raise
         self.merged = True
+
+    def _restore(self, backup: dict[str, torch.Tensor]) -> None:
+        """Put back the base entries saved in ``backup`` (reverse order of merge, so
+        overlapping row/column entries end up original) and drop a bias merge created."""
+        base = self.base_layer
+        w = row_weight(base)
+        with torch.no_grad():
+            if "columns" in backup:
+                w.index_copy_(1, self.columns, backup["columns"])
+            if self._created_bias:
+                base.bias = None
+                self._created_bias = False
+            elif "bias" in backup:
+                base.bias.index_copy_(0, self.rows, backup["bias"])
+            if "rows" in backup:
+                w.index_copy_(0, self.rows, backup["rows"])
+        self._merge_backup = None
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`: restore the base entries bit-exactly, re-enable the deltas."""
         if not self.merged:
             return
-        base, backup = self.base_layer, self._merge_backup or {}
-        w = row_weight(base)
-        # reverse order of merge so overlapping row/column entries end up original
-        if "columns" in backup:
-            w.index_copy_(1, self.columns, backup["columns"])
-        if "bias" in backup:
-            if self._created_bias:
-                base.bias = None
-                self._created_bias = False
-            else:
-                base.bias.index_copy_(0, self.rows, backup["bias"])
-        if "rows" in backup:
-            w.index_copy_(0, self.rows, backup["rows"])
-        self._merge_backup = None
+        self._restore(self._merge_backup or {})
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from ..plan import RowPlan
-from ..targets import embeddings, head_module_names, model_fingerprint
-from .layer import RowSparseLinear
+from ..targets import TRAINABLE_HEADS, embeddings, head_module_names, model_fingerprint
+from .layer import (RowSparseLinear, check_dropout, check_init, check_not_meta, init_generator,
+                    resolve_delta_dtype)
 
 __all__ = ["AdapterState", "inject", "adapted_modules", "adapter_state", "trainable_parameters",
            "merge", "unmerge", "merge_and_unload", "unload", "TRAINABLE_HEADS"]
 
-# Heads trained fully by inject(train_heads=True): task heads of classifiers / QA models.
-# Never lm_head or (tied) output embeddings of a causal LM.
-TRAINABLE_HEADS = ("classifier", "score", "qa_outputs")
+# TRAINABLE_HEADS (from rowsft_nb.targets.HEADS, the one list of head names): heads trained
+# fully by inject(modules_to_save="auto"): task heads of classifiers / QA models. Never
+# lm_head or (tied) output embeddings of a causal LM.
 
 _STATE_ATTR = "_rowsft_adapter"
 
@@ -44,6 +47,8 @@ class AdapterState:
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list, repr=False)
     # original head tensors (restored by unload)
     head_backup: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    init: str = "zeros"   # delta initialisation ("zeros" | "kaiming") and its seed
+    seed: int = 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -78,7 +83,7 @@ def adapted_modules(model: nn.Module) -> dict[str, RowSparseLinear]:
 
 def trainable_head_names(model: nn.Module, plan: RowPlan) -> list[str]:
     """Classifier-style heads (classifier / score / qa_outputs) not in ``plan``: the ones
-    ``inject(train_heads=True)`` trains fully. Never the output embedding / lm_head."""
+    ``inject(modules_to_save="auto")`` trains fully. Never the output embedding / lm_head."""
     out_emb = embeddings(model, "output")
     in_w = getattr(embeddings(model, "input"), "weight", None)
     modules = dict(model.named_modules())
@@ -97,28 +102,63 @@ def trainable_head_names(model: nn.Module, plan: RowPlan) -> list[str]:
     return heads
 
 
+def resolve_modules_to_save(model: nn.Module, plan: RowPlan,
+                            modules_to_save: str | Sequence[str] | None = "auto",
+                            train_heads: bool | None = None) -> list[str]:
+    """The modules ``inject`` trains fully: ``"auto"`` = the classifier-style heads
+    (:func:`trainable_head_names`), ``None``/``[]`` = none, a list = those modules (names or
+    ``.``-suffixes, as PEFT's ``modules_to_save``; each must match a module with parameters
+    that is not in the plan and holds no planned module). ``train_heads`` is the older
+    spelling: True = "auto", False = none. ``ValueError`` naming the problem otherwise.
+
+    >>> resolve_modules_to_save(model, plan, ["classifier"])     # ['classifier']
+    """
+    if train_heads is not None:
+        if not isinstance(train_heads, bool):
+            raise TypeError(f"train_heads must be True or False, got {train_heads!r}")
+        if modules_to_save != "auto":
+            raise ValueError("pass modules_to_save=... or train_heads=... (its older spelling), "
+                             "not both")
+        modules_to_save = "auto" if train_heads else None
+    if modules_to_save == "auto":
+        return trainable_head_names(model, plan)
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str) or not all(isinstance(s, str) for s in modules_to_save):
+        raise ValueError(f"modules_to_save must be 'auto', None or a list of module names, got "
+                         f"{modules_to_save!r} (e.g. modules_to_save=['classifier'])")
+    modules = dict(model.named_modules())
+    planned = set(plan.modules)
+    out: list[str] = []
+    for spec in modules_to_save:
+        hits = [n for n in modules if n and (n == spec or n.endswith("." + spec))]
+        if not hits:
+            heads = head_module_names(model)
+            raise ValueError(f"modules_to_save: no module named {spec!r} in "
+                             f"{type(model).__name__} (its heads: {heads or 'none'})")
+        for name in hits:
+            if name in planned or any(p.startswith(name + ".") for p in planned):
+                raise ValueError(f"modules_to_save: {name!r} is (or holds) a module of the plan, "
+                                 "whose selected rows already train; leave it out of one of them")
+            if not any(True for _ in modules[name].parameters()):
+                raise ValueError(f"modules_to_save: {name!r} has no parameters to train")
+            if name not in out:
+                out.append(name)
+    return out
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: float = 0.0,
-           delta_dtype: torch.dtype | None = None, train_heads: bool = True) -> nn.Module:
-    """Wrap every module of ``plan`` in a :class:`RowSparseLinear` (in place) and freeze
-    everything else; returns ``model``.
-
-    ``bias``: also train a bias delta per selected row. ``dropout``: on the delta path.
-    ``delta_dtype``: default float32 for bf16/fp16 bases, else the base dtype.
-    ``train_heads``: train classifier/score/qa_outputs heads fully (never lm_head).
-
-    >>> model = inject(model, plan)              # adapted outputs == base outputs at step 0
-    """
+def _check_inject_args(model: nn.Module, plan: RowPlan, bias: bool, dropout: float,
+                       delta_dtype: torch.dtype | None) -> None:
+    """Every check inject() needs, before anything changes (raises ``ValueError``/``TypeError``)."""
     if not isinstance(plan, RowPlan):
         raise TypeError(f"inject() needs a RowPlan, got {type(plan).__name__}; "
                         "make one with rowsft_nb.select(report, budget)")
-    if isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
-        model = _unwrap(model)
     if getattr(model, _STATE_ATTR, None) is not None or any(
             isinstance(m, RowSparseLinear) for m in model.modules()):
         raise ValueError("the model already has a row-sparse adapter (double injection); "
@@ -127,9 +167,41 @@ def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: floa
         raise ValueError("the plan selects no rows: raise the budget (e.g. Ratio(0.05) or "
                          "FixedRows(8)), lower min_rows/exclude filters, or widen the targets, "
                          "then select() again")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be True or False, got {bias!r}")
+    check_dropout(dropout)
+    resolve_delta_dtype(torch.float32, delta_dtype)
+    check_not_meta(model, type(model).__name__)
     plan.validate(model)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: float = 0.0,
+           delta_dtype: torch.dtype | None = None, init: str = "zeros", seed: int = 0,
+           modules_to_save: str | Sequence[str] | None = "auto",
+           train_heads: bool | None = None) -> nn.Module:
+    """Wrap every module of ``plan`` in a :class:`RowSparseLinear` (in place) and freeze
+    everything else; returns ``model``.
+
+    ``bias``: also train a bias delta per selected row. ``dropout``: on the delta path.
+    ``delta_dtype``: default float32 for bf16/fp16 bases, else the base dtype.
+    ``init``: ``"zeros"`` (default; adapted outputs == base outputs at step 0) or
+    ``"kaiming"`` (the authors' LLM start: row and column deltas ~ U(+-1/sqrt(d_in)), as
+    torch's nn.Linear default; bias deltas zero), drawn per module from ``seed`` and the
+    module name.
+    ``modules_to_save``: which extra modules train fully, as PEFT's option: ``"auto"``
+    (classifier/score/qa_outputs heads, never lm_head), ``None`` (none) or a list of module
+    names. ``train_heads`` is its older spelling (True = "auto", False = None), still accepted.
+    Every argument is checked before the model changes; if anything fails part-way, the
+    model is left exactly as it was (modules, ``requires_grad`` flags, weights).
+
+    >>> model = inject(model, plan)              # adapted outputs == base outputs at step 0
+    """
+    if isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+        model = _unwrap(model)
+    _check_inject_args(model, plan, bias, dropout, delta_dtype)
+    check_init(init, seed)
+    heads = resolve_modules_to_save(model, plan, modules_to_save, train_heads)
+    dropout = float(dropout)
 
     base_hash = model_fingerprint(model)
     planned_hash = plan.meta.get("model_hash")
@@ -137,26 +209,36 @@ def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: floa
         warnings.warn(f"the plan was selected on weights with hash {planned_hash} but this "
                       f"model has {base_hash}: rows were ranked on a different checkpoint",
                       stacklevel=2)
-    heads = trainable_head_names(model, plan) if train_heads else []
     flags = [(p, p.requires_grad) for p in model.parameters()]
-
-    for p in model.parameters():
-        p.requires_grad_(False)
     modules = dict(model.named_modules())
-    for name in plan.modules:
-        layer = RowSparseLinear(modules[name], rows=plan.rows.get(name),
-                                columns=plan.columns.get(name), bias=bias, dropout=dropout,
-                                delta_dtype=delta_dtype)
-        _set_module(model, name, layer)
-    backup: dict[str, torch.Tensor] = {}
-    for name in heads:
-        for pname, p in modules[name].named_parameters():
-            backup[f"{name}.{pname}"] = p.detach().clone()
-            p.requires_grad_(True)
-    setattr(model, _STATE_ATTR, AdapterState(
-        plan=plan, bias=bool(bias), dropout=float(dropout), delta_dtype=delta_dtype,
-        heads=heads, base_hash=base_hash, base_class=type(model).__name__,
-        requires_grad=flags, head_backup=backup))
+    replaced: list[str] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in plan.modules:
+            layer = RowSparseLinear(modules[name], rows=plan.rows.get(name),
+                                    columns=plan.columns.get(name), bias=bias, dropout=dropout,
+                                    delta_dtype=delta_dtype, init=init,
+                                    generator=init_generator(seed, name))
+            _set_module(model, name, layer)
+            replaced.append(name)
+        backup: dict[str, torch.Tensor] = {}
+        for name in heads:
+            for pname, p in modules[name].named_parameters():
+                backup[f"{name}.{pname}"] = p.detach().clone()
+                p.requires_grad_(True)
+        setattr(model, _STATE_ATTR, AdapterState(
+            plan=plan, bias=bool(bias), dropout=dropout, delta_dtype=delta_dtype,
+            heads=heads, base_hash=base_hash, base_class=type(model).__name__,
+            requires_grad=flags, head_backup=backup, init=init, seed=int(seed)))
+    except BaseException:
+        for name in reversed(replaced):
+            _set_module(model, name, modules[name])
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if _STATE_ATTR in vars(model):
+            delattr(model, _STATE_ATTR)
+        raise
     return model
 
 
@@ -173,78 +255,131 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def _merge_all(layers: dict[str, RowSparseLinear]) -> None:
+    """Merge every layer, or none: on an error, the layers merged so far are unmerged."""
+    for name, layer in layers.items():
+        layer.check_finite(name)
+    done: list[RowSparseLinear] = []
+    try:
+        for layer in layers.values():
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
+
+
+def _unmerge_all(layers: dict[str, RowSparseLinear]) -> None:
+    """Unmerge every layer, or none: on an error, the layers unmerged so far are merged
+    again (bit-exactly: merge recomputes the same W0 + dW from the restored W0)."""
+    done: list[RowSparseLinear] = []
+    try:
+        for layer in layers.values():
+            if layer.merged:
+                layer.unmerge()
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.merge()
+        raise
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every delta into its base weight in place, keeping the adapters (see
-    :func:`unmerge`). Refuses NaN/inf deltas, naming the module, before changing anything.
+    :func:`unmerge`). Refuses NaN/inf deltas, naming the module, before changing anything;
+    all layers merge or none do.
 
     >>> merge(model); ...; unmerge(model)
     """
     inner, _ = _require_state(model, "merge")
-    layers = adapted_modules(inner)
-    for name, layer in layers.items():
-        layer.check_finite(name)
-    for layer in layers.values():
-        layer.merge()
+    _merge_all(adapted_modules(inner))
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`: base weights bit-exactly as before, deltas active again.
+    """Undo :func:`merge`: base weights bit-exactly as before, deltas active again (all
+    layers or none).
 
     >>> unmerge(model)
     """
     inner, _ = _require_state(model, "unmerge")
-    for layer in adapted_modules(inner).values():
-        layer.unmerge()
+    _unmerge_all(adapted_modules(inner))
     return model
 
 
 def _remove(inner: nn.Module, state: AdapterState) -> None:
-    for name, layer in adapted_modules(inner).items():
-        _set_module(inner, name, layer.base_layer)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
-    delattr(inner, _STATE_ATTR)
+    """Put the base layers back and restore the flags; on an error part-way, put the
+    adapters back as they were."""
+    layers = adapted_modules(inner)
+    flags = [(p, p.requires_grad) for p in inner.parameters()]
+    done: list[str] = []
+    try:
+        for name, layer in layers.items():
+            _set_module(inner, name, layer.base_layer)
+            done.append(name)
+        for p, flag in state.requires_grad:
+            p.requires_grad_(flag)
+        delattr(inner, _STATE_ATTR)
+    except BaseException:
+        for name in reversed(done):
+            _set_module(inner, name, layers[name])
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        setattr(inner, _STATE_ATTR, state)
+        raise
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the deltas into the base weights (W0[rows] += dW exactly, Conv1D in its
     transposed layout) and put the plain layers back; trained heads keep their values.
-    Returns the plain model. Refuses NaN/inf deltas, naming the module.
+    Returns the plain model. Refuses NaN/inf deltas, naming the module; on any error the
+    model is left as it was.
 
     >>> merged = merge_and_unload(model)        # outputs == adapted outputs (1e-5, fp32)
     """
     inner, state = _require_state(model, "merge_and_unload")
     layers = adapted_modules(inner)
-    for name, layer in layers.items():
-        layer.check_finite(name)
-    created = []
-    for name, layer in layers.items():
-        layer.merge()
-        if layer._created_bias:
-            created.append(name)
+    was_merged = {name: layer.merged for name, layer in layers.items()}
+    _merge_all(layers)
+    try:
+        _remove(inner, state)
+    except BaseException:
+        _unmerge_all({n: m for n, m in layers.items() if not was_merged[n]})
+        raise
+    created = [name for name, layer in layers.items() if layer._created_bias]
+    for layer in layers.values():
         layer._merge_backup = None
     if created:
         warnings.warn(f"bias deltas were merged into layers that had no bias ({len(created)}, "
                       f"e.g. {created[0]!r}): the merged model now has bias parameters its "
                       "config does not declare", stacklevel=2)
-    _remove(inner, state)
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapters and give back the base model untouched: base weights as before
     inject (a merge is undone), trained heads restored, ``requires_grad`` flags restored.
+    On any error the model is left as it was.
 
     >>> base = unload(model)
     """
     inner, state = _require_state(model, "unload")
-    for layer in adapted_modules(inner).values():
-        layer.unmerge()
+    layers = adapted_modules(inner)
+    was_merged = {name: layer.merged for name, layer in layers.items()}
     params = dict(inner.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for key, value in state.head_backup.items():
-            params[key].copy_(value)
-    _remove(inner, state)
+    current = {key: params[key].detach().clone() for key in state.head_backup}
+    _unmerge_all(layers)
+    try:
+        with torch.no_grad():
+            for key, value in state.head_backup.items():
+                params[key].copy_(value)
+        _remove(inner, state)
+    except BaseException:
+        with torch.no_grad():
+            for key, value in current.items():
+                params[key].copy_(value)
+        _merge_all({n: m for n, m in layers.items() if was_merged[n]})
+        raise
     return model
-
