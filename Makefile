@@ -47,7 +47,7 @@ doctor: $(STAMP)
 	$(VENV)/bin/rowsft-nb doctor
 
 bench: $(STAMP)
-	$(VENV)/bin/rowsft-nb bench
+	$(VENV)/bin/rowsft-nb bench --out-dir benchmarks/results
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/rowsft-nb bench --quick
@@ -59,6 +59,13 @@ lab: $(STAMP)
 # `ROWSFT_FAST=1 make notebooks` for the fast mode that make test validates.
 notebooks: $(STAMP)
 	ROWSFT_FAST=$${ROWSFT_FAST:-0} $(PY) scripts/run_notebooks.py
+
+# Write edits of the notebook sources (notebooks/src/*.py) into the .ipynb files, keeping the
+# outputs of unchanged cells; then re-execute the changed notebooks (notebooks/README.md).
+# make test checks that sources and notebooks agree (tests/test_notebook_sources.py).
+.PHONY: notebook-sources
+notebook-sources: $(STAMP)
+	$(PY) scripts/notebook_sources.py --sync
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info test-artifacts

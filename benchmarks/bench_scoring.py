@@ -1,5 +1,5 @@
 """Scoring benchmark: memory and time of hook vs naive Taylor on SmolLM2-135M, and every
-metric on MiniLM. Writes benchmarks/results/scoring.json and prints a table.
+metric on MiniLM. Writes ./rowsft-bench-results/scoring.json (``--out``) and prints a table.
 
 Peaks are exact allocation peaks (rowsft_nb.profiling.peak_memory: profiler bytes on CPU,
 max_memory_allocated on CUDA) of one score() call, above the memory that existed before
@@ -30,7 +30,7 @@ from rowsft_nb.scoring import METRICS, score
 from rowsft_nb.targets import find_targets
 
 MiB = 1 << 20
-RESULTS = Path(__file__).parent / "results" / "scoring.json"
+RESULTS = Path("rowsft-bench-results") / "scoring.json"  # under the current directory
 
 
 def text_batches(tokenizer, texts, n_batches, batch_size, seq_len, labels=None):

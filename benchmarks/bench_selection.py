@@ -1,7 +1,7 @@
 """How fast does select() re-plan under a new budget at Llama-2-7B shapes? (goal: <= 50 ms)
 
 Run: ``.venv/bin/python benchmarks/bench_selection.py [--repeats 21] [--out PATH]``
-Writes ``benchmarks/results/selection.json`` and prints a table. One CPU thread.
+Writes ``./rowsft-bench-results/selection.json`` (``--out``) and prints a table. One CPU thread.
 
 Measured per strategy: ``cold`` = first call on a fresh report (sorts every module and the
 global order), ``warm`` = median of calls with a new budget each time on the same report
@@ -29,7 +29,7 @@ from rowsft_nb.selection import FixedRows, ParamBudget, Ratio, TypeRatios, selec
 from rowsft_nb.testing import llama2_7b_report
 
 GOAL_MS = 50.0
-RESULTS = Path(__file__).parent / "results" / "selection.json"
+RESULTS = Path("rowsft-bench-results") / "selection.json"  # under the current directory
 
 
 def _cases():

@@ -7,7 +7,7 @@ state update alone, median over distinct values (no plan-cache hits), per strate
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_widgets.py            # writes benchmarks/results/widgets.json
+    .venv/bin/python benchmarks/bench_widgets.py            # writes ./rowsft-bench-results/widgets.json
     .venv/bin/python benchmarks/bench_widgets.py --moves 10
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rowsft_nb.testing import llama2_7b_report
 from rowsft_nb.widgets import BudgetExplorer, ImportanceExplorer
 
 TARGET_MS = 100.0
-RESULTS = Path(__file__).parent / "results" / "widgets.json"
+RESULTS = Path("rowsft-bench-results") / "widgets.json"  # under the current directory
 
 
 def _median_ms(times: list[float]) -> float:

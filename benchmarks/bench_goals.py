@@ -1,0 +1,88 @@
+"""The goals a benchmark run is judged by, each with the measured value, its spread, the
+limit and a status: ``met``, ``not met`` (``, CI crosses the limit`` when the confidence
+interval of a timing ratio straddles the limit) or ``rejected: impossible, machine too
+noisy`` when the timing was physically impossible (faster than the frozen floor).
+
+Issue 14 (step time and memory near the frozen floor, at equal trainable parameters):
+row step time <= 0.85x LoRA and <= 1.06x the frozen floor; row memory above the floor
+<= 0.5x LoRA's; column memory above the floor <= 0.2x LoRA's. Issue 8: row total <= 0.5x
+dense-mask total; Taylor rows within 1 point of LoRA's accuracy and above random rows.
+
+Usage::
+
+    res["goals"] = goals(res)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rowsft_nb.bench import IMPOSSIBLE
+
+# (method, against, limit, text): timing goals on the wall-time median of per-round ratios
+TIME_GOALS = [("rowsft", "lora", 0.85, "row step time <= 0.85x LoRA"),
+              ("rowsft", "floor", 1.06, "row step time <= 1.06x frozen floor")]
+# (ratio key, limit, text): exact memory goals
+MEMORY_GOALS = [("rowsft_overhead_over_lora", 0.5, "row memory above floor <= 0.5x LoRA's"),
+                ("columns_overhead_over_lora", 0.2, "column memory above floor <= 0.2x LoRA's"),
+                ("rowsft_total_over_dense_mask", 0.5, "row total <= 0.5x dense-mask total")]
+
+
+def _goal(goal: str, where: str, value: float | None, limit: float, below: bool = True,
+          spread: tuple[float, float] | None = None, rejected: str | None = None
+          ) -> dict[str, Any]:
+    if rejected:
+        return {"goal": goal, "where": where, "measured": None, "limit": limit, "met": None,
+                "spread": None, "status": IMPOSSIBLE, "why": rejected}
+    met = value <= limit if below else value >= limit
+    status = "met" if met else "not met"
+    if spread is not None and spread[0] <= limit <= spread[1]:
+        status += ", CI crosses the limit"
+    return {"goal": goal, "where": where, "measured": round(value, 3), "limit": limit,
+            "met": bool(met), "spread": None if spread is None else
+            [round(spread[0], 3), round(spread[1], 3)], "status": status}
+
+
+def time_goal(block: dict[str, Any], method: str, against: str, limit: float, text: str,
+              where: str) -> dict[str, Any] | None:
+    """One timing goal from a memory/speed block, or None when the block has no timing."""
+    rows = block.get("methods", {})
+    if method not in rows or "time" not in rows[method]:
+        return None
+    t = rows[method]["time"]
+    key = f"ratio_{against}"
+    if key not in t:
+        return None
+    for name in (method, against):
+        v = rows.get(name, {}).get("time", {})
+        if v.get("verdict", "ok") != "ok":
+            return _goal(text, where, None, limit,
+                         rejected=f"{name}: {v.get('rejected_because', IMPOSSIBLE)}")
+    s = t[key]["wall"]
+    if s is None:
+        return None
+    return _goal(text, where, s["median"], limit, spread=(s["ci_low"], s["ci_high"]))
+
+
+def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal with the measured value, spread, limit and status (see the module doc).
+    ``>>> goals(json.load(open("rowsft-bench-results/bench.json")))``"""
+    out: list[dict[str, Any]] = []
+    for key, block in res.get("memory", {}).items():
+        r = block.get("ratios", {})
+        for ratio, limit, text in MEMORY_GOALS:
+            if r.get(ratio) is not None:
+                out.append(_goal(text, key, r[ratio], limit))
+        for method, against, limit, text in TIME_GOALS:
+            g = time_goal(block, method, against, limit, text, key)
+            if g is not None:
+                out.append(g)
+    acc = res.get("accuracy", {}).get("summary", {})
+    if "rowsft_taylor" in acc and "lora" in acc:
+        out.append(_goal("row (Taylor) accuracy within 1 point of LoRA (LoRA - row, points)",
+                         "minilm", 100 * (acc["lora"]["mean"] - acc["rowsft_taylor"]["mean"]),
+                         1.0))
+    if "rowsft_taylor" in acc and "rowsft_random" in acc:
+        out.append(_goal("importance rows above random rows (Taylor - random, points)",
+                         "minilm", 100 * (acc["rowsft_taylor"]["mean"]
+                                          - acc["rowsft_random"]["mean"]), 0.0, below=False))
+    return out
