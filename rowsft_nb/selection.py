@@ -590,6 +590,11 @@ class Selector:
         if couple:
             names, orders, couplings = self._coupled_orders(tuple(names), head_aligned, per_head)
             okey = (*okey, "neurons", tuple(all_names))
+            if not couplings:
+                warnings.warn("couple='neurons' found no MLP or value/output pair among the "
+                              "selected modules (both sides must be in the report and not "
+                              "excluded); rows are selected alone", SelectionWarning,
+                              stacklevel=3)
         extra: dict[str, Any] = {}
         if isinstance(budget, (ParamBudget, RowBudget)):
             counts, extra = self._allocate(budget, tuple(names), orders, okey,
@@ -600,7 +605,8 @@ class Selector:
                 strategy = f"param_budget/{budget.allocator}" + \
                     (f"/{budget.normalizer}" if budget.allocator == "topk" else "")
         else:
-            counts = self._per_module(budget, names, orders, **opts)
+            members = {k: c.producers for k, c in couplings.items()}  # TypeRatios: any producer
+            counts = self._per_module(budget, names, orders, members=members, **opts)
             strategy = budget.to_dict()["kind"]
         chosen, coupled_columns = {}, {}
         for name, r in counts.items():
@@ -627,7 +633,8 @@ class Selector:
         return plan
 
     def _per_module(self, budget: Budget, names: list[str], orders: dict[str, _ModuleOrder],
-                    *, min_rows: int, max_rows: int | None, multiple_of: int) -> dict[str, int]:
+                    *, min_rows: int, max_rows: int | None, multiple_of: int,
+                    members: dict[str, list[str]] | None = None) -> dict[str, int]:
         counts, clipped, clipped_mods = {}, 0.0, []
         for name in names:
             mo = orders[name]
@@ -635,8 +642,9 @@ class Selector:
                 want = float(budget.r)
             elif isinstance(budget, Ratio):
                 want = budget.ratio * mo.size
-            else:
-                want = budget.ratio_for(name) * mo.size
+            else:  # a coupled neuron takes the largest ratio of its producers
+                want = max(budget.ratio_for(n) for n in (members or {}).get(name, [name])) \
+                    * mo.size
             if want <= 0:
                 counts[name] = 0
                 continue

@@ -26,8 +26,13 @@ except Exception:  # pragma: no cover - transformers always present in practice
 
 TargetSpec = str | Sequence[str] | None
 
-# Last name components that mark a task head (left out by "all-linear").
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "out_proj_head", "cls")
+# The one list of task-head names: last name components that mark a task head (left out by
+# "all-linear"), each with whether ``inject(modules_to_save="auto")`` trains it fully
+# (classifier-style heads: yes; lm_head and masked-LM heads: never).
+HEADS = {"lm_head": False, "classifier": True, "score": True, "qa_outputs": True,
+         "out_proj_head": False, "cls": False}
+HEAD_NAMES = tuple(HEADS)
+TRAINABLE_HEADS = tuple(k for k, trains in HEADS.items() if trains)
 
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -42,14 +47,26 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a Linear-like module."""
+    """``(d_out, d_in)`` of a Linear-like module (bitsandbytes 4/8-bit layers included)."""
+    if _is_quantized(module):
+        return (module.out_features, module.in_features)
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
 
 
 def row_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as a [d_out, d_in] view (no copy), whatever the layer stores."""
+    """The weight as a [d_out, d_in] view (no copy), whatever the layer stores. A
+    bitsandbytes 4/8-bit layer gives its dequantized weight ``deq(Q)``: a new float32
+    tensor decoded for this call only (``rowsft_nb.quant.dequantize_weight``)."""
+    if _is_quantized(module):
+        from .quant import dequantize_weight
+        return dequantize_weight(module)
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """bitsandbytes Linear4bit / Linear8bitLt (checked without importing bitsandbytes)."""
+    return type(module).__module__.startswith("bitsandbytes")
 
 
 def embeddings(model: nn.Module, which: str) -> nn.Module | None:
@@ -140,6 +157,8 @@ def model_fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> s
     for n in sorted(names):
         m = modules[n]
         base = getattr(m, "base_layer", m)  # an adapted layer hashes its frozen base
+        if base is not m and hasattr(m, "restore_base_weight"):
+            m.restore_base_weight()  # a fused adapter layer puts W0[rows] back first
         w = base.weight.detach()
         h.update(n.encode())
         h.update(str(tuple(w.shape)).encode())

@@ -3,8 +3,9 @@
     y = base(x) + scatter_rows(idx, dW x + db) + dC x[..., cols]
 
 ``dW`` is [r, d_in] (one row per selected output neuron), ``dC`` is [d_out, c] (one column
-per selected input feature). Both start at zero, so the wrapped layer equals its base
-exactly until a step is taken. No dense W0 + dW and no one-hot [r, d_out] matrix is ever
+per selected input feature). Both start at zero by default (``init="zeros"``), so the wrapped
+layer equals its base exactly until a step is taken; ``init="kaiming"`` starts them as the
+authors do (see :data:`INITS`). No dense W0 + dW and no one-hot [r, d_out] matrix is ever
 built: the row delta's output is added into the selected output channels with
 ``index_add``, and the custom autograd functions below save only the layer input (in its
 own dtype) that the delta's gradient needs, and gather only the selected columns of the
@@ -26,15 +27,18 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..targets import is_conv1d, is_linear_like, linear_shape, row_weight
+from ..targets import _is_quantized, is_conv1d, is_linear_like, linear_shape, row_weight
 
 __all__ = ["RowSparseLinear", "row_delta", "column_delta", "resolve_delta_dtype",
            "check_dropout", "check_not_meta", "check_init", "init_generator", "INITS"]
 
 #: Delta initialisations: "zeros" (the layer equals its base until a step is taken) or
 #: "kaiming" (the authors' LLM path: U(-1/sqrt(d_in), 1/sqrt(d_in)), torch's nn.Linear default
-#: ``kaiming_uniform_(a=sqrt(5))``, for row and column deltas; bias deltas always start at 0).
-INITS = ("zeros", "kaiming")
+#: ``kaiming_uniform_(a=sqrt(5))``, for row and column deltas; bias deltas always start at 0)
+#: or "residual" (the authors' ``ours_loftq`` on quantized bases: the layer starts at zero and
+#: ``inject(..., init="residual", reference=float_model)`` sets the row deltas to
+#: ``(W_ref - deq(Q))[rows]``, so the selected rows reproduce the float weights at step 0).
+INITS = ("zeros", "kaiming", "residual")
 
 
 def check_init(init: Any, seed: Any = 0) -> str:
@@ -44,7 +48,8 @@ def check_init(init: Any, seed: Any = 0) -> str:
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS} ('zeros': model unchanged at step 0; "
-                         f"'kaiming': the authors' random start), got {init!r}")
+                         f"'kaiming': the authors' random start; 'residual': rows start at "
+                         f"a float reference's values, quantized bases), got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int (seeds init='kaiming'), got {seed!r}")
     return init
@@ -238,6 +243,10 @@ class RowSparseLinear(nn.Module):
     >>> layer = RowSparseLinear(nn.Linear(64, 32), rows=[0, 5], bias=True, dropout=0.1)
     """
 
+    #: "delta": base(x) plus a separate row/column delta path (this class); the fused
+    #: subclass (rowsft_nb.adapter.fused.FusedRowLinear) says "fused".
+    mode = "delta"
+
     def __init__(self, base_layer: nn.Module, rows: Sequence[int] | torch.Tensor | None = None,
                  columns: Sequence[int] | torch.Tensor | None = None, *, bias: bool = False,
                  dropout: float = 0.0, delta_dtype: torch.dtype | None = None,
@@ -251,6 +260,9 @@ class RowSparseLinear(nn.Module):
                             f"not {type(base_layer).__name__}")
         check_dropout(dropout)
         check_not_meta(base_layer, type(base_layer).__name__)
+        if _is_quantized(base_layer):  # bitsandbytes: keep the standard 4-bit layout
+            from ..quant import standard_layout
+            standard_layout(base_layer)
         d_out, d_in = linear_shape(base_layer)
         weight = base_layer.weight
         device = weight.device
@@ -311,6 +323,9 @@ class RowSparseLinear(nn.Module):
             y = _ColumnDelta.apply(y, h, self.column_delta, self.columns)
         return y
 
+    def restore_base_weight(self) -> None:
+        """No-op: the delta path never writes the base weight (the fused layer does)."""
+
     # ------------------------------------------------------------------ merge
     def delta_parameters(self) -> dict[str, torch.Tensor]:
         """The trainable deltas present: ``delta``, ``delta_bias``, ``column_delta``."""
@@ -339,6 +354,11 @@ class RowSparseLinear(nn.Module):
         if self.merged:
             return
         self.check_finite()
+        if _is_quantized(self.base_layer):  # 4-bit base: re-quantize the rows' blocks only
+            from ..quant import merge_rows_into_4bit
+            self._merge_backup = merge_rows_into_4bit(self)
+            self.merged = True
+            return
         base = self.base_layer
         w = row_weight(base)  # [d_out, d_in] view of the stored weight
         backup: dict[str, torch.Tensor] = {}
@@ -372,6 +392,11 @@ class RowSparseLinear(nn.Module):
     def _restore(self, backup: dict[str, torch.Tensor]) -> None:
         """Put back the base entries saved in ``backup`` (reverse order of merge, so
         overlapping row/column entries end up original) and drop a bias merge created."""
+        if backup.get("quant"):  # a 4-bit merge: packed blocks and absmax back bit-exactly
+            from ..quant import restore_merge
+            restore_merge(self, backup)
+            self._merge_backup = None
+            return
         base = self.base_layer
         w = row_weight(base)
         with torch.no_grad():
@@ -399,4 +424,5 @@ class RowSparseLinear(nn.Module):
         dtype = next(iter(self.delta_parameters().values())).dtype
         return (f"{kind}(d_out={self.out_features}, d_in={self.in_features}), "
                 f"rows={self.rows.numel()}, columns={self.columns.numel()}, "
-                f"bias={self.delta_bias is not None}, delta_dtype={dtype}, merged={self.merged}")
+                f"bias={self.delta_bias is not None}, delta_dtype={dtype}, merged={self.merged}, "
+                f"mode={self.mode}")

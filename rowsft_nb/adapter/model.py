@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..plan import RowPlan
 from ..targets import TRAINABLE_HEADS, embeddings, head_module_names, model_fingerprint
+from .fused import FusedRowLinear, choose_modes
+from .sharing import share_activations, unshare_activations
 from .layer import (RowSparseLinear, check_dropout, check_init, check_not_meta, init_generator,
                     resolve_delta_dtype)
 
-__all__ = ["AdapterState", "inject", "adapted_modules", "adapter_state", "trainable_parameters",
+__all__ = ["AdapterState", "inject", "adapted_modules", "adapter_modes", "adapter_state", "trainable_parameters",
            "merge", "unmerge", "merge_and_unload", "unload", "TRAINABLE_HEADS"]
 
 # TRAINABLE_HEADS (from rowsft_nb.targets.HEADS, the one list of head names): heads trained
@@ -49,6 +51,10 @@ class AdapterState:
     head_backup: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     init: str = "zeros"   # delta initialisation ("zeros" | "kaiming") and its seed
     seed: int = 0
+    # inject(mode=...) and, per module, None (fused) or why it takes the delta path
+    mode: str = "auto"
+    modes: dict[str, str | None] = field(default_factory=dict)
+    shared: list[str] = field(default_factory=list)  # producers sharing activations
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -79,6 +85,18 @@ def adapted_modules(model: nn.Module) -> dict[str, RowSparseLinear]:
     >>> adapted_modules(model)["model.layers.0.self_attn.q_proj"].delta.shape
     """
     return {n: m for n, m in _unwrap(model).named_modules() if isinstance(m, RowSparseLinear)}
+
+
+def adapter_modes(model: nn.Module) -> dict[str, str]:
+    """``{module name: "fused" | "delta: <why>"}`` of an adapted model (see ``inject(mode=)``).
+
+    >>> adapter_modes(model)["model.layers.0.mlp.down_proj"]      # 'fused'
+    """
+    out = {}
+    for name, layer in adapted_modules(model).items():
+        reason = getattr(layer, "mode_reason", None)
+        out[name] = layer.mode if layer.mode == "fused" or not reason else f"delta: {reason}"
+    return out
 
 
 def trainable_head_names(model: nn.Module, plan: RowPlan) -> list[str]:
@@ -178,7 +196,9 @@ def _check_inject_args(model: nn.Module, plan: RowPlan, bias: bool, dropout: flo
 def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: float = 0.0,
            delta_dtype: torch.dtype | None = None, init: str = "zeros", seed: int = 0,
            modules_to_save: str | Sequence[str] | None = "auto",
-           train_heads: bool | None = None) -> nn.Module:
+           train_heads: bool | None = None,
+           reference: nn.Module | Mapping[str, torch.Tensor] | None = None,
+           mode: str = "auto") -> nn.Module:
     """Wrap every module of ``plan`` in a :class:`RowSparseLinear` (in place) and freeze
     everything else; returns ``model``.
 
@@ -187,10 +207,19 @@ def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: floa
     ``init``: ``"zeros"`` (default; adapted outputs == base outputs at step 0) or
     ``"kaiming"`` (the authors' LLM start: row and column deltas ~ U(+-1/sqrt(d_in)), as
     torch's nn.Linear default; bias deltas zero), drawn per module from ``seed`` and the
-    module name.
+    module name. ``"residual"`` (quantized bases, the authors' ``ours_loftq``): row deltas
+    start at ``(W_ref - deq(Q))[rows]`` so the selected rows equal the float ``reference``
+    (the float model or its state_dict, same module names) at step 0.
     ``modules_to_save``: which extra modules train fully, as PEFT's option: ``"auto"``
     (classifier/score/qa_outputs heads, never lm_head), ``None`` (none) or a list of module
     names. ``train_heads`` is its older spelling (True = "auto", False = None), still accepted.
+    ``mode``: ``"auto"`` (default) uses :class:`~rowsft_nb.adapter.fused.FusedRowLinear`
+    (W0[rows] + dW written into the base weight, one F.linear; the MLP output projection of
+    known families recomputes its input in backward) wherever that is exact: plain
+    Linear/Conv1D float bases, rows only, no bias deltas, no dropout, weights not tied; other
+    modules take the delta path (:class:`RowSparseLinear`). ``"fused"`` requires it for every
+    module; ``"delta"`` never uses it. Each layer's ``.mode`` / ``.mode_reason`` and
+    :func:`adapter_modes` say which.
     Every argument is checked before the model changes; if anything fails part-way, the
     model is left exactly as it was (modules, ``requires_grad`` flags, weights).
 
@@ -200,8 +229,19 @@ def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: floa
         model = _unwrap(model)
     _check_inject_args(model, plan, bias, dropout, delta_dtype)
     check_init(init, seed)
+    residual: dict[str, torch.Tensor] = {}
+    if init == "residual":
+        if reference is None:
+            raise ValueError("init='residual' needs reference=<the float model or its "
+                             "state_dict> (the weights the selected rows should start at)")
+        from ..quant import residual_deltas
+        residual = residual_deltas(model, reference, [n for n in plan.modules if n in plan.rows],
+                                   plan.rows)
+    elif reference is not None:
+        raise ValueError("reference= is only used with init='residual'")
     heads = resolve_modules_to_save(model, plan, modules_to_save, train_heads)
     dropout = float(dropout)
+    reasons = choose_modes(model, plan, mode, bias=bool(bias), dropout=dropout)
 
     base_hash = model_fingerprint(model)
     planned_hash = plan.meta.get("model_hash")
@@ -216,12 +256,18 @@ def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: floa
         for p in model.parameters():
             p.requires_grad_(False)
         for name in plan.modules:
-            layer = RowSparseLinear(modules[name], rows=plan.rows.get(name),
+            layer_cls = FusedRowLinear if reasons[name] is None else RowSparseLinear
+            layer = layer_cls(modules[name], rows=plan.rows.get(name),
                                     columns=plan.columns.get(name), bias=bias, dropout=dropout,
                                     delta_dtype=delta_dtype, init=init,
                                     generator=init_generator(seed, name))
+            if name in residual and layer.delta is not None:
+                with torch.no_grad():
+                    layer.delta.copy_(residual[name])
+            layer.mode_reason = reasons[name]
             _set_module(model, name, layer)
             replaced.append(name)
+        shared = share_activations(model, [n for n in replaced if reasons[n] is None])
         backup: dict[str, torch.Tensor] = {}
         for name in heads:
             for pname, p in modules[name].named_parameters():
@@ -230,8 +276,10 @@ def inject(model: nn.Module, plan: RowPlan, *, bias: bool = False, dropout: floa
         setattr(model, _STATE_ATTR, AdapterState(
             plan=plan, bias=bool(bias), dropout=dropout, delta_dtype=delta_dtype,
             heads=heads, base_hash=base_hash, base_class=type(model).__name__,
-            requires_grad=flags, head_backup=backup, init=init, seed=int(seed)))
+            requires_grad=flags, head_backup=backup, init=init, seed=int(seed),
+            mode=mode, modes=reasons, shared=shared))
     except BaseException:
+        unshare_activations(model, [n for n, _ in model.named_modules()])
         for name in reversed(replaced):
             _set_module(model, name, modules[name])
         for p, flag in flags:
@@ -316,6 +364,9 @@ def _remove(inner: nn.Module, state: AdapterState) -> None:
     flags = [(p, p.requires_grad) for p in inner.parameters()]
     done: list[str] = []
     try:
+        for layer in layers.values():  # fused layers: base rows back to W0 (bit-exact)
+            layer.restore_base_weight()
+        unshare_activations(inner, state.shared)
         for name, layer in layers.items():
             _set_module(inner, name, layer.base_layer)
             done.append(name)
@@ -325,20 +376,27 @@ def _remove(inner: nn.Module, state: AdapterState) -> None:
     except BaseException:
         for name in reversed(done):
             _set_module(inner, name, layers[name])
+        if state.shared:
+            share_activations(inner, [n for n, m in layers.items() if m.mode == "fused"])
         for p, flag in flags:
             p.requires_grad_(flag)
         setattr(inner, _STATE_ATTR, state)
         raise
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, into: str | None = None) -> nn.Module:
     """Merge the deltas into the base weights (W0[rows] += dW exactly, Conv1D in its
     transposed layout) and put the plain layers back; trained heads keep their values.
     Returns the plain model. Refuses NaN/inf deltas, naming the module; on any error the
-    model is left as it was.
+    model is left as it was. On a 4-bit base (``rowsft_nb.quant``), ``into="4bit"`` (default:
+    only the blocks holding selected rows are re-quantized), ``"float"`` (the authors':
+    dequantize, then deq(Q) + S^T A exactly) or ``"requantize"`` (QLoRA's: every block).
 
     >>> merged = merge_and_unload(model)        # outputs == adapted outputs (1e-5, fp32)
     """
+    if into is not None and into != "4bit":
+        from ..quant import merge_into
+        return merge_into(model, into)
     inner, state = _require_state(model, "merge_and_unload")
     layers = adapted_modules(inner)
     was_merged = {name: layer.merged for name, layer in layers.items()}
