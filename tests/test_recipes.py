@@ -253,10 +253,16 @@ def test_encoder_recipe_runs_on_tiny_bert():
         recipe = dataclasses.replace(recipe, per_head=False)
     out = recipe.run(model, ds, calib, eval_dataset=ds, epochs=2, batch_size=8, **QUICK)
     assert out.result.steps == 2
+    head_dims = out.report.head_dims
     for name, rows in out.plan.rows.items():
         d_out = out.plan.shapes[name][0]
-        assert len(rows) % 2 == 0 and len(rows) > 0
-        assert abs(len(rows) - 0.05 * d_out) <= 2, (name, len(rows), d_out)
+        # rows come in multiples of 2 (round_to); with per_head, also an equal count per head
+        step = math.lcm(2, d_out // head_dims[name]) if recipe.per_head and name in head_dims else 2
+        assert len(rows) % step == 0 and len(rows) > 0, (name, len(rows), step)
+        assert abs(len(rows) - 0.05 * d_out) <= step, (name, len(rows), d_out, step)
+        if recipe.per_head and name in head_dims:
+            per_head = torch.bincount(rows // head_dims[name], minlength=d_out // head_dims[name])
+            assert len(set(per_head.tolist())) == 1, (name, per_head)
     # the classifier trains fully
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("classifier.") for n in trainable)
