@@ -18,17 +18,57 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import read_json, write_json
+from ._io import FileFormatError, read_json_object, write_json
 from .targets import is_linear_like, linear_shape
 
 
 def _as_index(name: str, what: str, idx: Any, size: int) -> torch.Tensor:
-    t = torch.as_tensor(idx, dtype=torch.int64).flatten()
+    t = torch.as_tensor(idx)
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"RowPlan: {what} indices for {name!r} must be integers, got {t.dtype}")
+    if t.is_floating_point():
+        bad = t[t != torch.round(t)] if t.numel() else t
+        if bad.numel():
+            raise ValueError(f"RowPlan: {what} index {float(bad.flatten()[0])!r} for {name!r} "
+                             "is not an integer; indices are whole row/column numbers")
+    t = t.to(torch.int64).flatten()
     t = torch.unique(t, sorted=True)
     if t.numel() and (int(t[0]) < 0 or int(t[-1]) >= size):
         raise ValueError(f"RowPlan: {what} index out of range for {name!r}: "
                          f"got [{int(t[0])}, {int(t[-1])}], valid [0, {size - 1}]")
     return t
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_plan_dict(d: Any) -> None:
+    """Types of a plan dict read from JSON; ``ValueError`` naming the first bad entry."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a RowPlan must be a JSON object, got {type(d).__name__}")
+    if d.get("format") != "rowsft_nb.RowPlan":
+        raise ValueError(f"not a RowPlan (format={d.get('format')!r})")
+    for key in ("rows", "shapes"):
+        if key not in d:
+            raise ValueError(f"the RowPlan has no {key!r} entry")
+    for key in ("rows", "shapes", "columns", "meta"):
+        if key in d and not isinstance(d[key], dict):
+            raise ValueError(f"RowPlan {key!r} must be an object, got {type(d[key]).__name__}")
+    for name, shape in d["shapes"].items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v > 0
+                                                                     for v in shape)):
+            raise ValueError(f"RowPlan shapes[{name!r}] must be [d_out, d_in] (two positive "
+                             f"integers), got {shape!r}")
+    for key in ("rows", "columns"):
+        for name, idx in d.get(key, {}).items():
+            if not isinstance(idx, list):
+                raise ValueError(f"RowPlan {key}[{name!r}] must be a list of integers, "
+                                 f"got {type(idx).__name__}")
+            for i, v in enumerate(idx):
+                if not _is_int(v):
+                    raise ValueError(f"RowPlan {key}[{name!r}][{i}] is {v!r}, not an integer "
+                                     "index")
 
 
 @dataclass
@@ -122,7 +162,7 @@ class RowPlan:
     def validate(self, model: nn.Module) -> None:
         """Raise ``ValueError`` naming the module when the plan does not fit ``model``."""
         modules = dict(model.named_modules())
-        for name in self.rows.keys() | self.columns.keys():
+        for name in dict.fromkeys([*self.rows, *self.columns]):  # plan order: deterministic
             m = modules.get(name)
             m = getattr(m, "base_layer", m)
             if m is None:
@@ -144,8 +184,8 @@ class RowPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RowPlan":
-        if d.get("format") != "rowsft_nb.RowPlan":
-            raise ValueError(f"not a RowPlan (format={d.get('format')!r})")
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming the first malformed entry."""
+        _check_plan_dict(d)
         return cls(rows=d["rows"], shapes={k: tuple(v) for k, v in d["shapes"].items()},
                    columns=d.get("columns", {}), meta=d.get("meta", {}))
 
@@ -155,7 +195,14 @@ class RowPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RowPlan":
-        return cls.from_dict(read_json(path))
+        """Read a plan saved by :meth:`save`; ``FileFormatError`` naming the file and the
+        problem when it is truncated, garbled or not a plan.
+        Usage: ``plan = RowPlan.load("plan.json")``"""
+        d = read_json_object(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise FileFormatError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         return (f"RowPlan(modules={len(self.modules)}, rows={self.num_rows():,}, "

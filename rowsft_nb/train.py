@@ -8,6 +8,15 @@ Usage::
                    lr=1e-3, epochs=1, batch_size=16)
     result.metrics_before["accuracy"], result.metrics_after["accuracy"], result.stop_reason
 
+``train`` takes Trainer's own argument names too (``learning_rate=``,
+``num_train_epochs=``, ... or ``args=TrainingArguments(...)``). In a hand-written Trainer
+script, use :class:`RowTrainer` (a ``transformers.Trainer`` with the NaN guard) and
+:class:`ObserverCallback`; :class:`NaNGuardCallback` guards a plain ``Trainer``::
+
+    trainer = RowTrainer(model=inject(model, plan), args=TrainingArguments("out"),
+                         train_dataset=ds, data_collator=collator)
+    trainer.train(); trainer.stop_reason
+
 Because the loop is Trainer's, Accelerate, DDP/FSDP (``torchrun``/``accelerate launch``),
 gradient accumulation, mixed precision, gradient checkpointing and ``TrainerCallback`` s
 work as they do in Hugging Face. Added here: evaluation before and after, a
@@ -17,6 +26,7 @@ that keeps what was trained and reports the step reached.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -30,12 +40,16 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
+from transformers import Trainer, TrainerCallback
 
 from .data import (CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, check_label_range,
                    check_tokenized, make_collator)
 
-__all__ = ["train", "TrainResult", "TrainingObserver", "NonFiniteLossError", "pick_device",
+__all__ = ["train", "TrainResult", "TrainingObserver", "RowTrainer", "ObserverCallback",
+           "NaNGuardCallback", "NonFiniteLossError", "pick_device",
            "list_devices", "infer_task_kind", "resolve_device", "output_path_problem"]
+
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- devices
@@ -323,114 +337,285 @@ def _perplexity(pred) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- trainer parts
-def _make_observer_callback(observer: TrainingObserver, status: dict):
-    from transformers import TrainerCallback
-
-    class ObserverCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            observer.on_begin(int(state.max_steps))
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and not any(k.startswith("eval_") for k in logs):
-                observer.on_log(int(state.global_step), dict(logs))
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            observer.on_evaluate(int(state.global_step), _clean_metrics(metrics or {}))
-
-        def on_step_end(self, args, state, control, **kw):
-            if observer.should_stop():
-                control.should_training_stop = True
-                status["reason"] = f"stopped by the observer at step {state.global_step}"
-
-    return ObserverCallback()
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def _make_trainer_class():
-    from transformers import Trainer
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over the processes of an initialised torch.distributed group."""
+    import torch.distributed as dist
 
-    class RowTrainer(Trainer):
-        """Trainer that raises :class:`NonFiniteLossError` before a non-finite loss reaches
-        backward, after copying the trainable weights of the last finite step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
-        nan_guard = True
-        _snapshot: list[torch.Tensor] | None = None
-        _snapshot_step = -1
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
-            if self.nan_guard and model.training:
-                self._check_loss(out[0] if return_outputs else out)
-            return out
+class ObserverCallback(TrainerCallback):
+    """Streams a Trainer's logs and evaluations to a :class:`TrainingObserver` and stops the
+    run when ``observer.should_stop()`` says so (``stop_reason`` then says when). Works with
+    any ``transformers.Trainer``.
 
-        def _trainable(self) -> list[torch.Tensor]:
-            return [p for p in self.model.parameters() if p.requires_grad]
+    >>> trainer = RowTrainer(model=model, args=args, callbacks=[ObserverCallback(observer)])
+    """
 
-        def _check_loss(self, loss: torch.Tensor) -> None:
-            bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-            if self.args.world_size > 1:  # every rank must stop together
-                bad = self.accelerator.reduce(bad, reduction="sum")
-            step = self.state.global_step
-            if bool(bad.item()):
-                raise NonFiniteLossError(step + 1, float(loss.detach().float().mean()))
-            if step != self._snapshot_step:
-                with torch.no_grad():
-                    params = self._trainable()
-                    if self._snapshot is None:
-                        self._snapshot = [p.detach().clone() for p in params]
-                    else:
-                        for s, p in zip(self._snapshot, params):
-                            s.copy_(p)
-                self._snapshot_step = step
+    def __init__(self, observer: TrainingObserver) -> None:
+        self.observer = observer
+        self.stop_reason: str | None = None
 
-        def restore_last_good(self) -> int | None:
-            """Copy the snapshot back; returns the step it was taken at (None if none)."""
-            if self._snapshot is None:
-                return None
-            with torch.no_grad():
-                for s, p in zip(self._snapshot, self._trainable()):
-                    p.copy_(s)
-            return self._snapshot_step
+    def on_train_begin(self, args, state, control, **kw):
+        self.stop_reason = None
+        self.observer.on_begin(int(state.max_steps))
 
-        # Checkpoints (issue 11): Trainer writes checkpoint-N in place, so a run killed
-        # mid-save leaves a partial folder that resume_from=True would pick. Single-process
-        # runs write it in a hidden staging folder and rename it into place (rowsft_nb._io).
-        _staging: str | None = None
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and not any(k.startswith("eval_") for k in logs):
+            self.observer.on_log(int(state.global_step), dict(logs))
 
-        def _get_output_dir(self, trial):
-            return self._staging or super()._get_output_dir(trial)
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        self.observer.on_evaluate(int(state.global_step), _clean_metrics(metrics or {}))
 
-        def _save_checkpoint(self, model, trial):
-            from transformers.trainer import TRAINER_STATE_NAME
+    def on_step_end(self, args, state, control, **kw):
+        if self.observer.should_stop():
+            control.should_training_stop = True
+            self.stop_reason = f"stopped by the observer at step {state.global_step}"
 
-            from ._io import publish_dir, staging_dir
 
-            if self.args.world_size > 1:  # ranks write in parallel: Trainer's own way
-                return super()._save_checkpoint(model, trial)
-            run_dir = super()._get_output_dir(trial)
-            name = f"checkpoint-{self.state.global_step}"
-            with staging_dir(os.path.join(run_dir, name)) as staging:
-                self._staging = str(staging)
-                try:
-                    super()._save_checkpoint(model, trial)  # rotates nothing: one folder
-                finally:
-                    self._staging = None
-                best = getattr(self.state, "best_global_step", None)
-                if best:  # Trainer looked for the best checkpoint in the staging folder
-                    best_dir = os.path.join(run_dir, f"checkpoint-{best}")
-                    if best == self.state.global_step or os.path.isdir(best_dir):
-                        self.state.best_model_checkpoint = best_dir
-                        self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
-                publish_dir(staging / name, os.path.join(run_dir, name))
-            try:
-                from transformers.trainer_utils import rotate_checkpoints
-            except ImportError:  # transformers < 5
-                self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+class NaNGuardCallback(TrainerCallback):
+    """NaN guard for a plain ``transformers.Trainer``: after every optimizer step, if a
+    trainable parameter holds NaN/inf, copy back the trainable weights of the last good step
+    and stop training (``stop_reason``, ``restored_step`` say what happened). Keeps one copy
+    of the trainable parameters (small for a row adapter). :class:`RowTrainer` has a stricter
+    guard built in (it checks the loss before backward), so it does not need this one.
+
+    >>> trainer = transformers.Trainer(model=model, args=args, callbacks=[NaNGuardCallback()])
+    """
+
+    def __init__(self) -> None:
+        self.snapshot: list[torch.Tensor] | None = None
+        self.snapshot_step = -1
+        self.stop_reason: str | None = None
+        self.restored_step: int | None = None
+
+    @torch.no_grad()
+    def _take(self, params: list[torch.Tensor], step: int) -> None:
+        if self.snapshot is None or len(self.snapshot) != len(params):
+            self.snapshot = [p.detach().clone() for p in params]
+        else:
+            for s, p in zip(self.snapshot, params):
+                s.copy_(p)
+        self.snapshot_step = step
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.stop_reason = self.restored_step = None
+        self.snapshot = None
+        if model is not None:
+            self._take(_trainable(model), int(state.global_step))
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kw):
+        params = _trainable(model) if model is not None else []
+        if not params:
+            return
+        bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).any()
+        if not _any_rank(bool(bad), params[0].device):
+            self._take(params, int(state.global_step))
+            return
+        for s, p in zip(self.snapshot or [], params):
+            p.copy_(s)
+        self.restored_step = self.snapshot_step
+        control.should_training_stop = True
+        self.stop_reason = (f"non-finite trainable weights after step {state.global_step}; "
+                            f"restored the weights after step {self.snapshot_step} and stopped "
+                            "(try a lower learning rate or bf16=False)")
+        _log.warning(self.stop_reason)
+
+
+def _single_label_classifier(model: nn.Module) -> bool:
+    try:
+        return infer_task_kind(model) == CLASSIFICATION
+    except ValueError:
+        return False
+
+
+class adapter_counts_as_peft:
+    """Context manager: while it is active, a model that transformers marks as quantized
+    (``is_quantized``: GGUF-loaded, ``BitsAndBytesConfig``-loaded) and that carries a row
+    adapter with trainable parameters is marked the way transformers marks a model with
+    adapters loaded through its PEFT integration (``_hf_peft_config_loaded = True``), so
+    ``Trainer.__init__``'s "You cannot perform fine-tuning on purely quantized models" check
+    accepts it. Anything else (no adapter, nothing trainable, not quantized) is left alone and
+    fails that check as before. The previous value is restored on exit.
+
+    >>> with adapter_counts_as_peft(model): trainer = transformers.Trainer(model=model, ...)
+    """
+
+    _ATTR = "_hf_peft_config_loaded"
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self.model = model
+        self._had: tuple[bool, Any] | None = None
+
+    def __enter__(self) -> "adapter_counts_as_peft":
+        from .adapter.model import adapter_state
+
+        m = self.model
+        if (isinstance(m, nn.Module) and getattr(m, "is_quantized", False)
+                and not getattr(m, self._ATTR, False) and adapter_state(m) is not None
+                and any(p.requires_grad for p in m.parameters())):
+            self._had = (self._ATTR in vars(m), vars(m).get(self._ATTR))
+            setattr(m, self._ATTR, True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._had is not None:
+            had, value = self._had
+            if had:
+                setattr(self.model, self._ATTR, value)
             else:
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint,
-                                   use_mtime=True)
+                delattr(self.model, self._ATTR)
+            self._had = None
 
+
+class RowTrainer(Trainer):
+    """``transformers.Trainer`` for row-sparse adapters (any model with trainable
+    parameters), usable directly in a Trainer script. Adds:
+
+    - a NaN guard (``nan_guard=True``): a NaN/inf loss is caught before backward, the
+      trainable weights of the last finite step are copied back and training stops
+      (``trainer.stop_reason`` says so; ``train()`` returns normally);
+    - correct loss scaling for classifiers under gradient accumulation / several processes
+      (their heads return a batch mean and ignore ``num_items_in_batch``);
+    - crash-safe checkpoints: ``checkpoint-N`` is written in a hidden staging folder and
+      renamed into place (single process).
+
+    >>> trainer = RowTrainer(model=inject(model, plan), args=TrainingArguments("out"),
+    ...                      train_dataset=ds, data_collator=collator); trainer.train()
+    """
+
+    nan_guard = True
+    stop_reason: str | None = None
+    _snapshot: list[torch.Tensor] | None = None
+    _snapshot_step = -1
+    _staging: str | None = None
+
+    def __init__(self, *args: Any, nan_guard: bool = True, **kwargs: Any) -> None:
+        with adapter_counts_as_peft(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
+        self.nan_guard = bool(nan_guard)
+        self.stop_reason: str | None = None
+        self.non_finite: NonFiniteLossError | None = None
+        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_step = -1
+        self._staging: str | None = None
+        if _single_label_classifier(self.model):
+            # Classification heads return a plain batch mean and ignore num_items_in_batch,
+            # yet Trainer (models whose forward takes **kwargs) then skips the 1/grad_accum
+            # scaling and multiplies the loss by the number of processes: gradients
+            # grad_accum or world_size times too large. Tell it the loss takes no such kwargs.
+            self.model_accepts_loss_kwargs = False
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; on a non-finite loss (``nan_guard``) restores the last good
+        trainable weights, sets ``stop_reason`` and returns instead of raising."""
+        from transformers.trainer_utils import TrainOutput
+
+        self.stop_reason, self.non_finite = None, None
+        self._snapshot, self._snapshot_step = None, -1
+        try:
+            return super().train(*args, **kwargs)
+        except NonFiniteLossError as err:
+            good = self.restore_last_good()
+            self.non_finite = err
+            if good is None:
+                self.stop_reason = (f"{err}; the starting weights already give a non-finite "
+                                    "loss: check the data (labels, lengths) and the model's "
+                                    "dtype")
+            else:
+                self.stop_reason = (f"{err}; restored the trainable weights after step {good}, "
+                                    "the last that gave a finite loss (try a lower learning "
+                                    "rate or bf16=False)")
+                self.state.global_step = good
+            _log.warning(self.stop_reason)
+            return TrainOutput(self.state.global_step, float("nan"),
+                               {"stopped": self.stop_reason})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        if self.nan_guard and model.training:
+            self._check_loss(out[0] if return_outputs else out)
+        return out
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return _trainable(self.model)
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.args.world_size > 1:  # every rank must stop together
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        step = self.state.global_step
+        if bool(bad.item()):
+            raise NonFiniteLossError(step + 1, float(loss.detach().float().mean()))
+        if step != self._snapshot_step:
+            with torch.no_grad():
+                params = self._trainable()
+                if self._snapshot is None:
+                    self._snapshot = [p.detach().clone() for p in params]
+                else:
+                    for s, p in zip(self._snapshot, params):
+                        s.copy_(p)
+            self._snapshot_step = step
+
+    def restore_last_good(self) -> int | None:
+        """Copy the snapshot back; returns the step it was taken at (None if none)."""
+        if self._snapshot is None:
+            return None
+        with torch.no_grad():
+            for s, p in zip(self._snapshot, self._trainable()):
+                p.copy_(s)
+        return self._snapshot_step
+
+    # Checkpoints (issue 11): Trainer writes checkpoint-N in place, so a run killed
+    # mid-save leaves a partial folder that resume_from=True would pick. Single-process
+    # runs write it in a hidden staging folder and rename it into place (rowsft_nb._io).
+    def _get_output_dir(self, trial):
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        from ._io import publish_dir, staging_dir
+
+        if self.args.world_size > 1:  # ranks write in parallel: Trainer's own way
+            return super()._save_checkpoint(model, trial)
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        with staging_dir(os.path.join(run_dir, name)) as staging:
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)  # rotates nothing: one folder
+            finally:
+                self._staging = None
+            best = getattr(self.state, "best_global_step", None)
+            if best:  # Trainer looked for the best checkpoint in the staging folder
+                best_dir = os.path.join(run_dir, f"checkpoint-{best}")
+                if best == self.state.global_step or os.path.isdir(best_dir):
+                    self.state.best_model_checkpoint = best_dir
+                    self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+            publish_dir(staging / name, os.path.join(run_dir, name))
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # transformers < 5
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        else:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=True)
+
+
+def _make_trainer_class() -> type[RowTrainer]:
+    """The Trainer class :func:`train` builds (a seam for tests)."""
     return RowTrainer
 
 
@@ -460,49 +645,136 @@ def _peak_memory(device: str) -> tuple[int | None, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
 
+# ---------------------------------------------------------------------------- arguments
+#: train()'s short names -> the ``transformers.TrainingArguments`` (or ``Trainer.train``)
+#: names of the same settings; train() accepts either spelling.
+TRAINER_NAMES = {"lr": "learning_rate", "epochs": "num_train_epochs",
+                 "batch_size": "per_device_train_batch_size",
+                 "eval_batch_size": "per_device_eval_batch_size",
+                 "grad_accum": "gradient_accumulation_steps", "lr_scheduler": "lr_scheduler_type",
+                 "resume_from": "resume_from_checkpoint"}
+#: train()'s defaults for the settings it passes to TrainingArguments.
+DEFAULTS = {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "seed": 0, "weight_decay": 0.0,
+            "warmup_steps": 0, "lr_scheduler": "linear", "max_grad_norm": 1.0,
+            "logging_steps": 10}
+
+
+def _merge_spellings(short: dict[str, Any], extra: dict[str, Any]) -> dict[str, str]:
+    """Move Trainer spellings (``learning_rate``...) from ``extra`` into ``short`` (in
+    place); ``ValueError`` naming both when both spellings are given with different values.
+    Returns ``{short name: the spelling the caller used}`` for error messages."""
+    spelled = {k: k for k in short}
+    for name, long in TRAINER_NAMES.items():
+        if long not in extra:
+            continue
+        value = extra.pop(long)
+        if short[name] is not None and short[name] != value:
+            raise ValueError(f"{name}={short[name]!r} and {long}={value!r} both set "
+                             f"{long}; pass only one of them")
+        short[name] = value
+        spelled[name] = long
+    return spelled
+
+
+def _check_training_names(extra: dict[str, Any]) -> None:
+    """Every extra keyword must be a ``TrainingArguments`` field (else one ValueError)."""
+    import difflib
+
+    from transformers import TrainingArguments
+
+    fields = {k for k, f in TrainingArguments.__dataclass_fields__.items() if f.init}
+    unknown = sorted(k for k in extra if k not in fields)
+    if unknown:
+        known = sorted(fields | set(TRAINER_NAMES) | set(DEFAULTS))
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ValueError(f"train() got unknown argument(s) {unknown}: neither a train() "
+                         "keyword nor a transformers.TrainingArguments field"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
 # ---------------------------------------------------------------------------- train
 def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task: str | None = None,
-          data_collator=None, lr: float = 1e-4, epochs: float | None = None,
-          max_steps: int | None = None, batch_size: int = 8, eval_batch_size: int | None = None,
-          grad_accum: int = 1, device: str | None = "auto", bf16: bool | str = "auto",
-          seed: int = 0, weight_decay: float = 0.0, warmup_steps: float = 0,
-          lr_scheduler: str = "linear", max_grad_norm: float = 1.0,
+          data_collator=None, args: Any = None, lr: float | None = None,
+          epochs: float | None = None, max_steps: int | None = None,
+          batch_size: int | None = None, eval_batch_size: int | None = None,
+          grad_accum: int | None = None, device: str | None = "auto", bf16: bool | str = "auto",
+          seed: int | None = None, weight_decay: float | None = None,
+          warmup_steps: float | None = None, lr_scheduler: str | None = None,
+          max_grad_norm: float | None = None,
           callbacks: Iterable[Any] = (), observer: TrainingObserver | None = None,
           output_dir: str | os.PathLike | None = None, save_steps: int | None = None,
           save_total_limit: int | None = None, resume_from: str | bool | None = None,
           gradient_checkpointing: bool = False, eval_steps: int | None = None,
-          logging_steps: int = 10, evaluate_before: bool = True, nan_guard: bool = True,
+          logging_steps: int | None = None, evaluate_before: bool = True, nan_guard: bool = True,
           progress_bar: bool = True, **training_args: Any) -> TrainResult:
     """Train whatever parameters of ``model`` require grad (a row-sparse adapter after
-    ``inject``, a PEFT model, or a full model) with ``transformers.Trainer``.
+    ``inject``, a PEFT model, or a full model) with :class:`RowTrainer` (a
+    ``transformers.Trainer``).
+
+    Settings come either as ``args=TrainingArguments(...)`` (used as given; then no
+    setting keywords below) or as keywords, in train()'s short names or Trainer's own:
+    ``lr``/``learning_rate`` (default 1e-4), ``epochs``/``num_train_epochs`` (default 1;
+    ``max_steps`` overrides it), ``batch_size``/``per_device_train_batch_size`` (8),
+    ``eval_batch_size``/``per_device_eval_batch_size``,
+    ``grad_accum``/``gradient_accumulation_steps`` (1), ``lr_scheduler``/``lr_scheduler_type``
+    ("linear"), ``resume_from``/``resume_from_checkpoint``, ``weight_decay`` (0),
+    ``warmup_steps`` (0), ``max_grad_norm`` (1.0), ``seed`` (0), ``logging_steps`` (10); any
+    other ``TrainingArguments`` field passes through (``optim=``, ``report_to=``...). Both
+    spellings of one setting with different values raise a ValueError naming both.
 
     ``task``: ``"classification"`` (accuracy), ``"causal_lm"`` or ``"seq2seq"`` (loss as
-    the model computes it, perplexity);
-    inferred from the model class when None. ``epochs`` defaults to 1; ``max_steps``
-    overrides it. ``device``: ``"auto"`` (CUDA, then MPS, then CPU), ``"cuda"``, ``"mps"``
-    or ``"cpu"``. ``bf16="auto"``: bf16 autocast on GPUs that support it. With
-    ``output_dir`` + ``save_steps`` Trainer writes checkpoints; ``resume_from`` (a
-    checkpoint folder, or True for the latest in ``output_dir``) continues one.
-    ``nan_guard``: stop on a NaN/inf loss and restore the trainable weights of the last
-    finite step (keeps one copy of the trainable parameters). Extra keyword arguments go to
-    ``TrainingArguments``. Before anything runs, bad input raises one ValueError naming the
+    the model computes it, perplexity); inferred from the model class when None.
+    ``device``: ``"auto"`` (CUDA, then MPS, then CPU), ``"cuda"``, ``"mps"`` or ``"cpu"``.
+    ``bf16="auto"``: bf16 autocast on GPUs that support it. With ``output_dir`` +
+    ``save_steps`` Trainer writes checkpoints; ``resume_from`` (a checkpoint folder, or True
+    for the latest in ``output_dir``) continues one. ``nan_guard``: stop on a NaN/inf loss
+    and restore the trainable weights of the last finite step (keeps one copy of the
+    trainable parameters). Before anything runs, bad input raises one ValueError naming the
     fix: ``max_steps``/``batch_size`` not whole numbers >= 1, ``epochs``/``lr`` not finite
-    > 0, an ``output_dir`` that cannot be a folder, untokenised or missing columns, labels
-    outside ``[0, num_labels)``, a merged adapter, a model on the meta device.
+    > 0, unknown keywords, an ``output_dir`` that cannot be a folder, untokenised or missing
+    columns, labels outside ``[0, num_labels)``, a merged adapter, a model on the meta device.
 
     >>> result = train(model, data.train, eval_dataset=data.validation, tokenizer=tok, max_steps=50)
+    >>> result = train(model, data.train, learning_rate=1e-3, num_train_epochs=2)
+    >>> result = train(model, data.train, args=TrainingArguments("out", max_steps=50))
     """
     from transformers import PrinterCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    _whole("max_steps", max_steps, optional=True)
-    _positive("epochs", epochs, optional=True)
-    _positive("lr", lr)
-    _whole("batch_size", batch_size)
-    _whole("eval_batch_size", eval_batch_size, optional=True)
-    _whole("grad_accum", grad_accum)
-    if output_dir is not None and (problem := output_path_problem(output_dir)):
-        raise ValueError(f"output_dir: {problem}")
+    short = {"lr": lr, "epochs": epochs, "batch_size": batch_size,
+             "eval_batch_size": eval_batch_size, "grad_accum": grad_accum,
+             "lr_scheduler": lr_scheduler, "resume_from": resume_from}
+    spelled = _merge_spellings(short, training_args)
+    _check_training_names(training_args)
+    lr, epochs, batch_size = short["lr"], short["epochs"], short["batch_size"]
+    eval_batch_size, grad_accum = short["eval_batch_size"], short["grad_accum"]
+    lr_scheduler, resume_from = short["lr_scheduler"], short["resume_from"]
+    if args is not None:
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a transformers.TrainingArguments, got "
+                            f"{type(args).__name__}")
+        keywords = {spelled[k]: v for k, v in short.items() if k != "resume_from"}
+        keywords.update(max_steps=max_steps, seed=seed, weight_decay=weight_decay,
+                        warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                        output_dir=output_dir, save_steps=save_steps,
+                        save_total_limit=save_total_limit, eval_steps=eval_steps,
+                        logging_steps=logging_steps, **training_args)
+        given = [k for k, v in keywords.items() if v is not None]
+        given += ["bf16"] * (bf16 != "auto") + ["gradient_checkpointing"] * bool(
+            gradient_checkpointing) + ["device"] * (device not in (None, "auto"))
+        if given:
+            raise ValueError(f"train() got args=TrainingArguments(...) and the settings "
+                             f"{given}: set them on the TrainingArguments instead (e.g. "
+                             "dataclasses.replace(args, learning_rate=...)) or pass no args")
+    else:
+        _whole("max_steps", max_steps, optional=True)
+        _positive(spelled["epochs"], epochs, optional=True)
+        _positive(spelled["lr"], lr, optional=True)
+        _whole(spelled["batch_size"], batch_size, optional=True)
+        _whole(spelled["eval_batch_size"], eval_batch_size, optional=True)
+        _whole(spelled["grad_accum"], grad_accum, optional=True)
+        if output_dir is not None and (problem := output_path_problem(output_dir)):
+            raise ValueError(f"output_dir: {problem}")
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty")
     _check_model(model)
@@ -512,7 +784,7 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
                          "wrap it with PEFT, or set requires_grad on the parameters to train")
     if save_steps is not None and output_dir is None:
         raise ValueError("save_steps needs output_dir (where the checkpoints go)")
-    if resume_from is True and output_dir is None:
+    if resume_from is True and output_dir is None and args is None:
         raise ValueError("resume_from=True resumes the latest checkpoint in output_dir; pass output_dir")
     if resume_from not in (None, True, False) and not os.path.isdir(resume_from):
         raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder")
@@ -526,37 +798,52 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
             check_tokenized(ds, kind, main_input=main_input, split=split, collator=data_collator)
             if n_labels is not None:
                 check_label_range(ds, n_labels, split=split)
-    dev = resolve_device(device)
-    use_bf16 = (dev == "cuda" and torch.cuda.is_bf16_supported()) if bf16 == "auto" else bool(bf16)
     collator = data_collator or make_collator(kind, tokenizer)
-
     tmp = None
-    if output_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="rowsft-train-")
-        out_dir = tmp.name
+    if args is not None:  # the caller's TrainingArguments, as given
+        dev = args.device.type
+        out_dir = str(args.output_dir)
     else:
-        out_dir = str(output_dir)
-    if epochs is None and max_steps is None:
-        epochs = 1
-    args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=eval_batch_size or batch_size,
-        gradient_accumulation_steps=grad_accum, learning_rate=lr,
-        num_train_epochs=float(epochs or 1), max_steps=int(max_steps) if max_steps is not None else -1,
-        weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
-        max_grad_norm=max_grad_norm, seed=seed, data_seed=seed, use_cpu=(dev == "cpu"),
-        bf16=use_bf16, logging_steps=logging_steps, logging_strategy="steps",
-        eval_strategy="steps" if (eval_steps and eval_dataset is not None) else "no",
-        eval_steps=eval_steps, save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, save_total_limit=save_total_limit,
-        report_to="none", disable_tqdm=not progress_bar, remove_unused_columns=False,
-        label_names=["labels"], dataloader_pin_memory=(dev == "cuda"), log_level="warning",
-        **_checkpointing_args(gradient_checkpointing), **training_args)
+        use_cpu = training_args.get("use_cpu")
+        if use_cpu and device not in (None, "auto", "cpu"):
+            raise ValueError(f"device={device!r} and use_cpu=True contradict; pass one of them")
+        dev = "cpu" if use_cpu else resolve_device(device)
+        use_bf16 = (dev == "cuda" and torch.cuda.is_bf16_supported()
+                    and not training_args.get("fp16")) if bf16 == "auto" else bool(bf16)
+        if output_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="rowsft-train-")
+            out_dir = tmp.name
+        else:
+            out_dir = str(output_dir)
+        if epochs is None and max_steps is None:
+            epochs = 1
+        batch_size = batch_size or DEFAULTS["batch_size"]
+        seed = DEFAULTS["seed"] if seed is None else seed
+        settings = dict(
+            output_dir=out_dir, per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=eval_batch_size or batch_size,
+            gradient_accumulation_steps=grad_accum or DEFAULTS["grad_accum"],
+            learning_rate=DEFAULTS["lr"] if lr is None else lr,
+            num_train_epochs=float(epochs or 1),
+            max_steps=int(max_steps) if max_steps is not None else -1,
+            weight_decay=DEFAULTS["weight_decay"] if weight_decay is None else weight_decay,
+            warmup_steps=DEFAULTS["warmup_steps"] if warmup_steps is None else warmup_steps,
+            lr_scheduler_type=lr_scheduler or DEFAULTS["lr_scheduler"],
+            max_grad_norm=DEFAULTS["max_grad_norm"] if max_grad_norm is None else max_grad_norm,
+            seed=seed, data_seed=seed, use_cpu=(dev == "cpu"), bf16=use_bf16,
+            logging_steps=logging_steps or DEFAULTS["logging_steps"], logging_strategy="steps",
+            eval_strategy="steps" if (eval_steps and eval_dataset is not None) else "no",
+            eval_steps=eval_steps, save_strategy="steps" if save_steps else "no",
+            save_steps=save_steps or 500, save_total_limit=save_total_limit,
+            report_to="none", disable_tqdm=not progress_bar, remove_unused_columns=False,
+            label_names=["labels"], dataloader_pin_memory=(dev == "cuda"), log_level="warning",
+            **_checkpointing_args(gradient_checkpointing))
+        settings.update(training_args)  # any other TrainingArguments field, as given
+        args = TrainingArguments(**settings)
 
-    status: dict[str, str] = {}
     all_callbacks = list(callbacks)
     if observer is not None:
-        all_callbacks.append(_make_observer_callback(observer, status))
+        all_callbacks.append(ObserverCallback(observer))
     is_cls = kind == CLASSIFICATION
     trainer_cls = _make_trainer_class()
     verbosity = hf_logging.get_verbosity()
@@ -567,15 +854,10 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
             eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=all_callbacks,
             compute_metrics=_accuracy if is_cls else _perplexity,
             preprocess_logits_for_metrics=_argmax_logits if is_cls else
-            (_token_nll_seq2seq if kind == SEQ2SEQ else _token_nll))
+            (_token_nll_seq2seq if kind == SEQ2SEQ else _token_nll), nan_guard=nan_guard)
     finally:
         hf_logging.set_verbosity(verbosity)
-    trainer.nan_guard = nan_guard
-    if is_cls:
-        # Classification heads return a plain batch mean and ignore num_items_in_batch, yet
-        # Trainer (models whose forward takes **kwargs) then skips the 1/grad_accum scaling
-        # and multiplies the loss by the number of processes: gradients grad_accum or
-        # world_size times too large. Tell it the loss does not take those kwargs.
+    if is_cls:  # RowTrainer does this for classifier classes; task= may say so explicitly
         trainer.model_accepts_loss_kwargs = False
     if not progress_bar:  # no per-log prints either: observers and history carry the logs
         trainer.remove_callback(PrinterCallback)
@@ -585,25 +867,15 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
         metrics_before = _clean_metrics(trainer.evaluate())
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    stopped_early, reason = False, None
+    reason = None
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from if resume_from else None)
-        if status.get("reason"):
-            stopped_early, reason = True, status["reason"]
+        reason = getattr(trainer, "stop_reason", None) or next(
+            (cb.stop_reason for cb in all_callbacks if getattr(cb, "stop_reason", None)), None)
     except KeyboardInterrupt:
-        stopped_early = True
         reason = f"interrupted at step {trainer.state.global_step}"
-    except NonFiniteLossError as err:
-        good = trainer.restore_last_good()
-        stopped_early = True
-        if good is None:
-            reason = (f"{err}; the starting weights already give a non-finite loss: check "
-                      "the data (labels, lengths) and the model's dtype")
-        else:
-            reason = (f"{err}; restored the trainable weights after step {good}, the last "
-                      "that gave a finite loss (try a lower learning rate or bf16=False)")
-            trainer.state.global_step = good
+    stopped_early = reason is not None
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     peak, peak_kind = _peak_memory(dev)
