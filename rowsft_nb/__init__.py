@@ -13,14 +13,17 @@ __version__ = "0.1.0"
 from .data import calibration_batches, prepare_task
 from .adapter import (RowSparseLinear, inject, load_adapter, merge, merge_and_unload,
                       save_adapter, trainable_parameters, unload, unmerge)
+from .adapter.peft_io import export_peft, import_peft
 from .memory import MemoryEstimate
 from .plan import RowPlan
 from .scoring import METRICS, ImportanceReport, score
 from .selection import FixedRows, ParamBudget, Ratio, TypeRatios, budget_from_dict, select
 from .targets import find_targets
 from .train import TrainingObserver, TrainResult, list_devices, pick_device, train
+from .train import NaNGuardCallback, ObserverCallback, RowTrainer
 from .widgets import BudgetExplorer, ImportanceExplorer, TrainingLauncher
 from . import recipes
+from .quant import dequantize, quantize
 
 __all__ = [
     "__version__",
@@ -35,8 +38,12 @@ __all__ = [
     "inject", "RowSparseLinear", "trainable_parameters", "train", "TrainResult",
     "TrainingObserver", "pick_device", "list_devices", "save_adapter", "load_adapter",
     "merge", "unmerge", "merge_and_unload", "unload",
+    "export_peft", "import_peft",  # exact PEFT LoRA export / import
+    "RowTrainer", "ObserverCallback", "NaNGuardCallback",  # for transformers.Trainer scripts
     # notebook explorers (state objects: rowsft_nb.widgets.*State)
     "ImportanceExplorer", "BudgetExplorer", "TrainingLauncher",
     # the authors' setups in one call: rowsft_nb.recipes.spruft_llm(), spruft_encoder()
     "recipes",
+    # quantized bases (bitsandbytes, the 'quant' extra): rowsft_nb.quant
+    "quantize", "dequantize",
 ]

@@ -187,8 +187,10 @@ class Recipe:
     # -- the pieces, for readers who run the steps themselves
     def train_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """``train()`` keyword arguments: ``training`` with ``overrides`` on top, plus the
-        :class:`EpochLR` callback when ``lr_schedule`` is set."""
-        kwargs = {**self.training, **overrides}
+        :class:`EpochLR` callback when ``lr_schedule`` is set. Overrides may use either
+        spelling (``lr=`` or ``learning_rate=``)."""
+        short = {v: k for k, v in _TRAINING_ARGUMENT_NAMES.items()}
+        kwargs = {**self.training, **{short.get(k, k): v for k, v in overrides.items()}}
         if self.lr_schedule is not None:
             spec = dict(self.lr_schedule)
             if spec.get("kind") == "cosine" and spec.get("epochs") is None:

@@ -861,6 +861,11 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
         trainer.model_accepts_loss_kwargs = False
     if not progress_bar:  # no per-log prints either: observers and history carry the logs
         trainer.remove_callback(PrinterCallback)
+    else:  # Trainer's bars, labelled "training" / "eval before" / "eval after" (issue 15)
+        from .progress import LabelledProgressCallback, ProgressCallback
+
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(LabelledProgressCallback())
 
     metrics_before: dict[str, float] = {}
     if eval_dataset is not None and evaluate_before:
@@ -891,6 +896,9 @@ def train(model: nn.Module, dataset, *, eval_dataset=None, tokenizer=None, task:
     if tmp is not None:
         tmp.cleanup()
     model.eval()
+    from .adapter.card import note_training
+
+    note_training(model, result)  # save_adapter's model card shows these metrics
     if observer is not None:
         observer.on_end(result)
     return result
