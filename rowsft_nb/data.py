@@ -287,12 +287,46 @@ def _label_ids(ds) -> tuple[list[str], dict[Any, int] | None]:
     return [str(v) for v in ordered], {v: i for i, v in enumerate(ordered)}
 
 
+def tokenize_seq2seq(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """One encoder-decoder example: the prompt as encoder input, the response as decoder
+    targets (``labels``), each cut to ``max_length`` tokens (with the tokenizer's special
+    tokens, e.g. T5's end-of-sequence; the targets always end with it, so the model learns
+    to stop).
+
+    >>> ex = tokenize_seq2seq(tok, "translate: hello", "bonjour", max_length=64)
+    """
+    enc = tokenizer(prompt, truncation=True, max_length=max_length)
+    labels = list(tokenizer(text_target=response, truncation=True,
+                            max_length=max_length)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not labels or labels[-1] != eos):
+        labels = labels[:max_length - 1] + [eos]
+    return {"input_ids": list(enc["input_ids"]),
+            "attention_mask": list(enc.get("attention_mask", [1] * len(enc["input_ids"]))),
+            "labels": list(labels)}
+
+
+def tokenize_text(tokenizer, text: str, max_length: int) -> dict[str, list[int]]:
+    """One plain language-modelling example: the text's tokens (plus end-of-sequence) are
+    both input and labels.
+
+    >>> ex = tokenize_text(tok, "Once upon a time", max_length=64)
+    """
+    ids = tokenizer(text + (tokenizer.eos_token or ""), add_special_tokens=False,
+                    truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+
 def prepare_task(task, tokenizer, *, max_length: int = 128, n_train: int | None = None,
-                 n_eval: int | None = None, seed: int = 0) -> TaskData:
+                 n_eval: int | None = None, seed: int = 0, kind: str | None = None) -> TaskData:
     """Tokenise an embedded task (by name) or a ``DatasetDict`` with ``text``/``label`` or
     ``prompt``/``response`` columns. ``n_train``/``n_eval`` subsample (seeded) the train and
     the validation/test splits for fast runs. Labels that are not a ClassLabel (e.g. {0, 5,
     9} or strings) become ids 0..n-1 in sorted order; ``data.label2id`` records the mapping.
+    ``kind``: ``"seq2seq"`` tokenises prompt/response for an encoder-decoder model (prompt
+    -> encoder, response -> ``labels``); ``"causal_lm"`` also takes a lone ``text`` column
+    (plain language modelling); default: from the columns (text+label: classification,
+    prompt+response: causal LM). Loading files/DataFrames: :func:`rowsft_nb.sources.load_data`.
 
     >>> data = prepare_task("movie_sentiment", tok, max_length=64, n_train=800, n_eval=200)
     """
@@ -317,7 +351,30 @@ def prepare_task(task, tokenizer, *, max_length: int = 128, n_train: int | None 
     for split in ("validation", "test"):
         splits[split] = _subsample(ds[split], n_eval, seed) if split in ds else None
 
-    if {"text", "label"} <= columns:
+    if kind not in (None, CLASSIFICATION, CAUSAL_LM, SEQ2SEQ):
+        raise ValueError(f"kind must be 'classification', 'causal_lm' or 'seq2seq', got {kind!r}")
+    if kind == SEQ2SEQ and {"prompt", "response"} <= columns:
+        label_names = []
+
+        def encode(batch):
+            rows = [tokenize_seq2seq(tokenizer, p, r, max_length)
+                    for p, r in zip(batch["prompt"], batch["response"])]
+            return {k: [row[k] for row in rows] for k in ("input_ids", "attention_mask", "labels")}
+    elif kind == CAUSAL_LM and "text" in columns and not {"prompt", "response"} <= columns:
+        label_names = []
+
+        def encode(batch):
+            rows = [tokenize_text(tokenizer, t, max_length) for t in batch["text"]]
+            return {k: [row[k] for row in rows] for k in ("input_ids", "attention_mask", "labels")}
+    elif kind in (SEQ2SEQ, CAUSAL_LM) and {"text", "label"} <= columns:
+        raise ValueError(f"a {kind} model trains on prompt + response columns, but the data "
+                         "has text + label (classification): load a classification model, or "
+                         "rename the columns to prompt/response")
+    elif kind == CLASSIFICATION and not {"text", "label"} <= columns:
+        raise ValueError(f"a classification model trains on text + label columns; the data has "
+                         f"{sorted(columns)}: rename yours first, e.g. "
+                         "ds = ds.rename_column('sentence', 'text')")
+    elif {"text", "label"} <= columns:
         kind = CLASSIFICATION
         label_names, to_id = _label_ids(ds)
 
@@ -325,7 +382,7 @@ def prepare_task(task, tokenizer, *, max_length: int = 128, n_train: int | None 
             enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
             enc["labels"] = [to_id[v] for v in batch["label"]] if to_id else batch["label"]
             return enc
-    elif {"prompt", "response"} <= columns:
+    elif {"prompt", "response"} <= columns and kind in (None, CAUSAL_LM):
         kind, label_names = CAUSAL_LM, []
 
         def encode(batch):

@@ -31,39 +31,46 @@ def device_description() -> str:
     return f"cpu — {torch.get_num_threads()} threads"
 
 
-def main() -> int:
-    """Print the report; return 0 when every required package and asset is present."""
+def report() -> tuple[str, bool]:
+    """``(text, ok)``: the installation report and whether every required package and asset
+    is present.
+
+    >>> text, ok = report()
+    """
     problems: list[str] = []
-    print(f"rowsft_nb: python {sys.version.split()[0]}")
-    print("packages:")
+    lines = [f"rowsft_nb: python {sys.version.split()[0]}", "packages:"]
     for name in REQUIRED:
         try:
-            print(f"  {name:14s} {md.version(name)}")
+            lines.append(f"  {name:14s} {md.version(name)}")
         except md.PackageNotFoundError:
-            print(f"  {name:14s} MISSING")
+            lines.append(f"  {name:14s} MISSING")
             problems.append(f"{name} is missing: pip install rowsft-nb (or make install)")
     for name, fix in OPTIONAL.items():
         try:
-            print(f"  {name:14s} {md.version(name)}")
+            lines.append(f"  {name:14s} {md.version(name)}")
         except md.PackageNotFoundError:
-            print(f"  {name:14s} not installed (optional: {fix})")
-    print(f"device: {device_description()}")
-    print("assets:")
+            lines.append(f"  {name:14s} not installed (optional: {fix})")
+    lines += [f"device: {device_description()}", "assets:"]
     for label, status in assets.asset_status().items():
-        print(f"  {label}: {status}")
+        lines.append(f"  {label}: {status}")
         if not status.startswith("ok"):
             problems.append(f"{label}: {status}")
     cache = assets.cache_dir()
     lm = "converted" if assets._cache_is_complete(assets._smollm_cache()) else \
         "not converted yet (the first load_causal_lm() takes ~30 s)"
-    print(f"cache: {cache} (SmolLM2 checkpoint {lm}; set ROWSFT_CACHE to move it)")
+    lines.append(f"cache: {cache} (SmolLM2 checkpoint {lm}; set ROWSFT_CACHE to move it)")
     if problems:
-        print("\nproblems:")
-        for p in problems:
-            print("  - " + p)
-        return 1
-    print("\nall good")
-    return 0
+        lines += ["", "problems:"] + ["  - " + p for p in problems]
+    else:
+        lines += ["", "all good"]
+    return "\n".join(lines), not problems
+
+
+def main() -> int:
+    """``rowsft-nb doctor``: write the report to stdout; 0 when all is present, else 1."""
+    text, ok = report()
+    sys.stdout.write(text + "\n")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ def test_save_load_round_trip_bit_exact(arch, tmp_path):
     model.eval()
     save_adapter(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # + card
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_class"] == type(base).__name__
     assert config["base_model_hash"] == model_fingerprint(base)

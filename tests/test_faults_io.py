@@ -549,3 +549,30 @@ def test_checkpoint_save_failing_midway_leaves_no_partial_checkpoint(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+
+
+def test_save_adapter_keeps_a_readme_the_user_wrote(tmp_path):
+    """The model card never replaces a README.md the user put in the folder; it does replace
+    its own card on the next save."""
+    import warnings as _w
+
+    from rowsft_nb import testing
+    from rowsft_nb.adapter import inject, save_adapter
+    from rowsft_nb.selection import FixedRows, select
+    from rowsft_nb.scoring import score
+
+    model = testing.tiny_llama()
+    inject(model, select(score(model, metric="l2", progress=False), FixedRows(2)))
+    mine = tmp_path / "README.md"
+    mine.write_text("# my notes\n")
+    with pytest.warns(UserWarning, match="not written by rowsft_nb"):
+        save_adapter(model, tmp_path)
+    assert mine.read_text() == "# my notes\n"
+    mine.unlink()
+    save_adapter(model, tmp_path)
+    first = mine.read_text()
+    assert "library_name: rowsft_nb" in first
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        save_adapter(model, tmp_path)        # our own card: replaced without a warning
+    assert "library_name: rowsft_nb" in mine.read_text()
