@@ -10,6 +10,21 @@ Data flows one way, one public function per arrow::
 """
 __version__ = "0.1.0"
 
+import logging as _logging
+
+
+class _NoKernelsHubHint(_logging.Filter):
+    """bitsandbytes (the optional ``quant`` extra) warns on import, on CPUs with AVX512-BF16,
+    that its faster kernel could not be fetched from the Hugging Face hub (package
+    ``kernels``). rowsft_nb never fetches from a hub and the built-in kernel is used instead,
+    so that one message is dropped; every other bitsandbytes message passes."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubHint())
+
 from .data import calibration_batches, prepare_task
 from .adapter import (RowSparseLinear, inject, load_adapter, merge, merge_and_unload,
                       save_adapter, trainable_parameters, unload, unmerge)
