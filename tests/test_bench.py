@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rowsft_nb import bench, cli, inject
+from rowsft_nb.adapter import adapted_modules
 from rowsft_nb.targets import find_targets, linear_shape
 from rowsft_nb.testing import random_batches, synthetic_report
 
@@ -66,8 +67,10 @@ def test_memory_components_match_arithmetic(llama_setup):
     assert mem.optimizer == 2 * 4 * n + 4 * len(plan.modules)
     base_bytes = sum(p.numel() * 4 for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    # frozen base + its buffers + the adapter's int64 row indices
-    assert mem.weights == base_bytes + buffers + 8 * plan.num_rows()
+    # frozen base + its buffers + the adapter's int64 row indices + the fused layers' copy of
+    # the original rows W0[rows] (fp32 here, one per trainable row entry)
+    assert {m.mode for m in adapted_modules(adapted).values()} == {"fused"}
+    assert mem.weights == base_bytes + buffers + 8 * plan.num_rows() + 4 * n
     assert mem.step_peak > 0 and mem.saved > 0
     assert mem.total == mem.weights + mem.trainable + mem.optimizer + mem.step_peak
 
@@ -447,3 +450,85 @@ def test_cli_bench_without_a_checkout_says_where_the_runner_lives(tmp_path, monk
     err = capsys.readouterr().err
     assert "source repository" in err and "benchmarks/bench_all.py" in err
     assert "pip install -e '.[bench]'" in err
+
+
+def _direct_sign_flip(d, alternative):
+    """All 2**n sign patterns as rows of a +-1 matrix (bit k of the pattern index flips pair k)."""
+    d = np.asarray(d, dtype=np.float64)
+    n = d.size
+    signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    sums, obs = signs @ d, d.sum()
+    if alternative == "two-sided":
+        return float(np.mean(np.abs(sums) >= abs(obs) - 1e-9))
+    if alternative == "greater":
+        return float(np.mean(sums >= obs - 1e-9))
+    return float(np.mean(sums <= obs + 1e-9))
+
+
+def test_paired_sign_flip_statistics_match_a_direct_computation():
+    import bench_accuracy
+
+    # known values: 5 seeds all in favour -> the smallest p there is (2/32 two-sided, 1/32 one)
+    up = [1.2, 0.4, 2.0, 0.9, 1.1]
+    assert bench_accuracy.sign_flip_p(up) == 0.0625
+    assert bench_accuracy.sign_flip_p(up, "greater") == 1 / 32
+    assert bench_accuracy.sign_flip_p(up, "less") == 1.0
+    rng = np.random.default_rng(0)
+    for d in [rng.normal(0.5, 1.0, 5), rng.normal(0, 1, 7), [0.0, 1.0, -1.0, 2.0, 0.0],
+              [-0.3, 0.2, 0.1, -0.6, 0.4, 0.2]]:
+        for alt in ("two-sided", "greater", "less"):
+            assert bench_accuracy.sign_flip_p(list(d), alt) == pytest.approx(
+                _direct_sign_flip(d, alt))
+    a = {0: 0.80, 1: 0.79, 2: 0.83, 3: 0.81, 4: 0.78, 9: 0.5}   # seed 9 has no pair: ignored
+    b = {0: 0.81, 1: 0.77, 2: 0.83, 3: 0.80, 4: 0.80}
+    p = bench_accuracy.paired_comparison(a, b, margin=1.0)
+    d = [100 * (a[s] - b[s]) for s in range(5)]
+    assert p["seeds"] == [0, 1, 2, 3, 4] and [q["diff_points"] for q in p["pairs"]] == d
+    assert p["mean_diff_points"] == pytest.approx(np.mean(d))
+    assert p["std_diff_points"] == pytest.approx(np.std(d, ddof=1))
+    assert (p["wins"], p["ties"], p["losses"]) == (2, 1, 2)
+    assert p["p_two_sided"] == pytest.approx(_direct_sign_flip(d, "two-sided"))
+    assert p["p_a_greater"] == pytest.approx(_direct_sign_flip(d, "greater"))
+    assert p["p_within_margin"] == pytest.approx(_direct_sign_flip(np.add(d, 1.0), "greater"))
+    assert p["smallest_possible_p_two_sided"] == 0.0625
+    with pytest.raises(ValueError, match="alternative"):
+        bench_accuracy.sign_flip_p(up, "bigger")
+    with pytest.raises(ValueError, match="no seed in common"):
+        bench_accuracy.paired_comparison({0: 0.8}, {1: 0.8})
+    # the goals read the paired test: rows ahead of random on every seed, 0.4 points off LoRA
+    rows = {s: 0.80 + 0.01 * s for s in range(5)}
+    acc = {"summary": {"rowsft_taylor": {"mean": np.mean(list(rows.values()))},
+                       "lora": {"mean": np.mean(list(rows.values())) + 0.004},
+                       "rowsft_random": {"mean": 0.0}},
+           "paired": {"rowsft_taylor vs lora": bench_accuracy.paired_comparison(
+                          rows, {s: v + 0.004 for s, v in rows.items()}, margin=1.0),
+                      "rowsft_taylor vs rowsft_random": bench_accuracy.paired_comparison(
+                          rows, {s: v - 0.02 for s, v in rows.items()})}}
+    got = {g["goal"]: g for g in bench_goals.accuracy_goals(acc)}
+    lora = got["row (Taylor) accuracy within 1 point of LoRA (LoRA - row, points)"]
+    assert lora["met"] and lora["measured"] == pytest.approx(0.4)
+    assert lora["p_value"] == 1 / 32 and lora["spread"] == [pytest.approx(0.4)] * 2
+    rnd = got["importance rows above random rows (Taylor - random, points)"]
+    assert rnd["met"] and rnd["p_value"] == 1 / 32 and "p = 0.03125 over 5 seeds" in rnd["status"]
+    assert "smallest possible p is 0.0625" in "\n".join(bench_report.accuracy_pairs_markdown(acc))
+
+
+def test_accuracy_run_order_and_skip_smollm(tmp_path, monkeypatch):
+    import bench_accuracy
+
+    # goal methods first over every seed, then the rest seed by seed; every pair exactly once
+    methods, seeds = ["full", "rowsft_taylor", "rowsft_l2", "lora", "rowsft_random"], [0, 1, 2]
+    order = bench_accuracy.run_order(methods, seeds)
+    assert sorted(order) == sorted((m, s) for m in methods for s in seeds)
+    assert order[:9] == [(m, s) for m in ("rowsft_taylor", "lora", "rowsft_random")
+                         for s in seeds]
+    assert order[9:] == [("full", 0), ("rowsft_l2", 0), ("full", 1), ("rowsft_l2", 1),
+                         ("full", 2), ("rowsft_l2", 2)]
+    assert set(bench_all.BenchConfig().acc_methods) <= set(bench_accuracy.ACC_METHODS)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(bench_all, "run", lambda **kw: calls.append(kw) or {
+        "seconds": {"total": 0.0}, "goals": [], "command": kw["command"]})
+    assert bench_all.main(["--parts", "scoring", "--skip-smollm", "--out-dir", "r"]) == 0
+    assert bench_all.main(["--parts", "scoring", "--out-dir", "r"]) == 0
+    assert calls[0]["cfg"].smollm is False and calls[1]["cfg"].smollm is True

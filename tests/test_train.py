@@ -91,7 +91,9 @@ def test_classification_accuracy_matches_direct_computation():
     # only the deltas and the classifier moved; frozen weights are the base model's
     base = testing.tiny_bert()
     layer = model.bert.encoder.layer[0].attention.self.query
-    assert torch.equal(layer.base_layer.weight, base.bert.encoder.layer[0].attention.self.query.weight)
+    # (fused mode: the live weight holds W0[rows] + dW; state_dict shows the base weights)
+    key = "bert.encoder.layer.0.attention.self.query.base_layer.weight"
+    assert torch.equal(model.state_dict()[key], base.bert.encoder.layer[0].attention.self.query.weight)
     assert layer.delta.abs().sum() > 0
     assert result.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
