@@ -2,6 +2,7 @@
 expected, refused settings leave it unchanged with a message; views bind controls to state."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from rowsft_nb.selection import ParamBudget, Ratio, TypeRatios, select
 from rowsft_nb.targets import find_targets, linear_shape, module_type
 from rowsft_nb.widgets import (BudgetExplorer, BudgetState, ImportanceExplorer,
                                ImportanceState, LaunchState, TrainingLauncher)
+from rowsft_nb.widgets._common import layer_label
+from rowsft_nb.widgets.launcher import EvalPoint
 
 LLAMA_TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -190,7 +193,7 @@ def test_importance_explorer_controls_drive_state():
     assert ex.types.value == ("mlp.up_proj",)
     ex.metric.value = "b"
     assert ex.state.metric == "b"
-    assert len(ex.conc.data) == 3                # one curve per layer
+    assert len(ex.conc.data) == 4                # the uniform diagonal + one curve per layer
     from plotly.callbacks import Points
     # plotly.js reports a heatmap click as pointNumber [row, col]
     ex._on_click(ex.heat.data[0], Points(point_inds=[[2, 5]], xs=[5], ys=["layer 2"],
@@ -210,6 +213,105 @@ def test_heatmap_sent_to_the_browser_is_valid_json():
     hm = ex.state.heatmap()
     finite = ~np.isnan(hm.z)
     assert np.allclose(np.array(z, dtype=float)[finite], hm.z[finite])
+
+
+def test_explorer_opens_like_the_static_figure_on_the_plans_metric():
+    """01: the explorer opens normalised by the module mean, log scale (the static figure's
+    settings); 02: on the metric the plan was selected by, and says so next to the marks."""
+    rep = small_report()
+    ex = ImportanceExplorer(rep, plan=select(rep, Ratio(0.25)))
+    assert (ex.state.normalization, ex.state.log_scale) == ("mean", True)
+    assert (ex.normalization.value, ex.log_scale.value) == ("mean", True)
+    name = "model.layers.1.mlp.up_proj"
+    s = rep.scores[name].numpy()
+    st = ImportanceState(rep, max_columns=400, normalization="mean", log_scale=True)
+    st.set_types(["mlp.up_proj"])
+    np.testing.assert_allclose(st.heatmap().z[1], np.log10(s / s.mean()), rtol=1e-5)
+    assert st.heatmap().colorbar_title == f"log10 {rep.metric} (mean)"
+
+    taylor = small_report(seed=0)
+    taylor.metric = "taylor"
+    l2 = small_report(seed=1)
+    plan = select(taylor, Ratio(0.25))
+    assert plan.meta["metric"] == "taylor"
+    ex = ImportanceExplorer({"l2": l2, "taylor": taylor}, plan=plan)   # l2 listed first
+    assert ex.state.metric == "taylor" and ex.metric.value == "taylor"
+    ex.state.select_module(name)
+    ex.refresh()
+    assert ex.prof.data[1].name == "rows selected by taylor"
+    ex.metric.value = "l2"                       # marks stay taylor's, and it says so
+    assert ex.prof.data[1].name == "rows selected by taylor (plotted: l2)"
+    assert list(ex.prof.data[1].x) == plan.rows[name].tolist()
+    assert ImportanceState({"l2": l2, "taylor": taylor}).metric == "l2"   # no plan: first
+    with pytest.raises(ValueError, match="Unknown metric 'x'"):
+        ImportanceState(rep, metric="x")
+
+
+def test_hover_says_what_is_plotted_and_shows_the_raw_score():
+    rep = small_report()
+    st = ImportanceState(rep, max_columns=12)
+    hm = st.heatmap()
+    assert hm.value_label == "score"
+    assert hm.hovertemplate.endswith(f"<br>{rep.metric} score %{{z:.4g}}<extra></extra>")
+    st.set_normalization("mean")
+    st.set_log_scale(True)
+    hm = st.heatmap()
+    assert hm.value_label == "log10(score/mean)"
+    assert "log10(score/mean) %{z:.4g}" in hm.hovertemplate
+    assert f"{st.metric} score %{{customdata[2]:.4g}}" in hm.hovertemplate
+    name = "model.layers.2.mlp.up_proj"          # row 3 of the heatmap, 3 bins of 8 neurons
+    _, a, b = hm.type_spans[2]
+    s = rep.scores[name]
+    raw = [float(s[j * 8:(j + 1) * 8].mean()) for j in range(3)]   # un-normalised bin means
+    np.testing.assert_allclose(hm.customdata[3, a:b, 2].astype(float), raw, rtol=1e-6)
+    np.testing.assert_allclose(hm.z[3, a:b], np.log10(np.array(raw) / float(s.mean())),
+                               rtol=1e-5)
+    st.set_normalization("rank")
+    assert st.heatmap().value_label == "log10(rank/n)"
+    ex = ImportanceExplorer(rep)                 # the view sends both to the browser
+    assert ex.heat.data[0].hovertemplate == ex.state.heatmap().hovertemplate
+    ex.state.select_module(name)
+    ex.refresh()
+    assert ex.prof.layout.yaxis.title.text == "log10(score/mean)"
+    np.testing.assert_allclose(ex.prof.data[0].customdata, s.numpy())
+    assert "customdata" in ex.prof.data[0].hovertemplate
+
+
+def test_profile_title_fits_the_plot():
+    """Two short lines (module, then the selection) instead of one line cut off at 520 px."""
+    rep = testing.llama2_7b_report()
+    plan = select(rep, Ratio(0.05))
+    st = ImportanceState(rep, plan=plan)
+    name = "model.layers.31.self_attn.q_proj"
+    st.select_module(name)
+    prof = st.profile()
+    lines = [re.sub("<[^>]+>", "", part) for part in prof.title.split("<br>")]
+    assert lines[0] == name and len(lines) == 2
+    assert all(len(line) <= 64 for line in lines), lines
+    assert lines[1].startswith(f"{len(plan.rows[name])} of 4096 rows selected")
+    assert f"{100 * prof.covered:.1f}% of its importance" in lines[1]
+
+
+def test_concentration_lines_are_labelled_and_rank_is_explained():
+    rep = small_report()
+    ex = ImportanceExplorer(rep, normalization="none", log_scale=False)
+    conc = ex.state.concentration()
+    assert ex.conc.layout.showlegend
+    names = [t.name for t in ex.conc.data]
+    assert names[0] == "uniform"
+    assert names[1:] == [f"{layer_label(k)} (gini {conc.gini[k]:.2f})" for k in conc.curves]
+    assert names[1].startswith("other (gini") and names[2].startswith("layer 0 (gini")
+    assert conc.note == "" and ex.note.value == ""
+    assert not np.allclose(conc.curves[0], conc.curves[1])
+    ex.normalization.value = "rank"
+    conc = ex.state.concentration()
+    # rank-normalised scores are 1/n..1 in every module: layers made of the same module
+    # shapes draw exactly the same curve, whatever their scores
+    np.testing.assert_allclose(conc.curves[0], conc.curves[1])
+    np.testing.assert_allclose(conc.curves[0], conc.curves[2])
+    assert "same curve" in conc.note and "rank" in ex.note.value.lower()
+    big = ImportanceExplorer(testing.llama2_7b_report())     # 32 layers: 3 legend entries
+    assert sum(1 for t in big.conc.data[1:] if t.showlegend is not False) == 3
 
 
 # ---------------------------------------------------------------------------- budget
@@ -268,8 +370,6 @@ def test_per_type_sliders_and_strategy_rules():
     with pytest.raises(ValueError, match="train nothing"):
         st.set_type_percent("pooler.dense", 0)
     assert st.type_percent("pooler.dense") == 25 and st.settings != before
-    with pytest.raises(ValueError, match="switch the unit first"):
-        st.set_strategy("topk")
     with pytest.raises(ValueError, match="pick another strategy first"):
         st.set_unit("params")
     assert st.settings.strategy == "per-type" and st.settings.unit == "rows"
@@ -323,7 +423,7 @@ def test_row_limits_head_alignment_and_refusals_leave_state_unchanged():
         heads = set((q // 4).tolist())
         assert sorted(q.tolist()) == sorted(h * 4 + j for h in heads for j in range(4))
     no_groups = BudgetState(small_report(groups=False))
-    with pytest.raises(ValueError, match="no head groups"):
+    with pytest.raises(ValueError, match="no attention heads"):
         no_groups.set_head_aligned(True)
     with pytest.raises(ValueError, match=">= 1"):
         st.set_memory_shape(0, 128)
@@ -357,14 +457,67 @@ def test_budget_explorer_slider_updates_readouts_and_reverts_refusals(tmp_path):
         ex.state.readout.memory["rowsft"][ex._components[0]] / scale)
     total = sum(ex.state.readout.memory["full"].values())
     assert 1 <= total / scale < 1024                 # the unit fits the numbers
-    ex.strategy.value = "topk"                   # refused while the unit is rows
-    assert ex.strategy.value == "uniform" and "switch the unit" in ex.message.value
-    ex.unit.value = "params"
-    ex.strategy.value = "topk"
-    assert ex.state.settings.strategy == "topk" and not ex.normalizer.disabled
+    ex.strategy.value = "topk"                   # switches the unit for the user, says so
+    assert ex.state.settings.strategy == "topk" and ex.state.settings.unit == "params"
+    assert ex.unit.value == "params" and "Switched the unit to % of params" in ex.message.value
+    assert "#b00" not in ex.message.value        # a notice, not an error
+    assert not ex.normalizer.disabled
     assert all(w.disabled for w in ex.type_sliders.values())
     ex.export()
     assert RowPlan.load(tmp_path / "p.json").num_rows() == ex.plan.num_rows()
+
+
+def test_strategy_switches_the_unit_and_says_so():
+    rep = small_report()
+    st = BudgetState(rep, percent=5)
+    st.set_strategy("coverage")                  # unit was % of rows
+    assert st.settings.unit == "params" and st.settings.percent == 5
+    assert st.notice.startswith("Switched the unit to % of params")
+    ref = select(rep, ParamBudget(0.05, allocator="coverage", normalizer="rank"))
+    assert st.readout.trainable == ref.trainable_parameters()
+    st.set_normalizer("max")                     # the notice was about that one change
+    assert st.notice == ""
+    st.set_strategy("per-type")                  # back to a rows-only strategy
+    assert st.settings.unit == "rows" and "% of rows" in st.notice
+    assert all(st.type_percent(t) == 5 for t in st.types)
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        st.set_strategy("greedy")
+
+
+def test_per_type_budget_slider_is_disabled_and_shows_the_plans_share():
+    rep = small_report()
+    ex = BudgetExplorer(rep, percent=40)
+    assert not ex.percent.disabled and ex.percent.value == pytest.approx(40)
+    ex.strategy.value = "per-type"
+    ex.type_sliders["mlp.up_proj"].value = 0.0
+    ex.type_sliders["self_attn.q_proj"].value = 5.0
+    st = ex.state
+    assert st.percent_follows_plan and ex.percent.disabled
+    rows = sum(len(v) for v in st.plan.rows.values())
+    direct = 100 * rows / rep.total_rows()
+    assert st.display_percent == pytest.approx(direct)
+    assert ex.percent.value == pytest.approx(direct, rel=1e-3)
+    assert ex.percent.value != pytest.approx(40)
+    ex.strategy.value = "uniform"
+    assert not ex.percent.disabled and ex.percent.value == pytest.approx(40)
+
+
+def test_budget_slider_is_logarithmic_and_fits_practice():
+    ex = BudgetExplorer(small_report(), percent=5)
+    lo, hi = 10 ** ex.percent.min, 10 ** ex.percent.max
+    assert lo <= 0.1 and hi == pytest.approx(100)
+    share = (np.log10(10) - np.log10(0.5)) / (ex.percent.max - ex.percent.min)
+    assert share > 0.4                           # 0.5-10 % get over 40% of the track
+    ex.percent.value = 0.7
+    assert ex.state.settings.percent == pytest.approx(0.7)
+
+
+def test_trainable_count_is_printed_once():
+    ex = BudgetExplorer(small_report(), percent=10)
+    count = f"{ex.state.readout.trainable:,}"
+    text = ex.trainable.value + " " + ex.readout.value
+    assert text.count(count) == 1 and "trainable" not in ex.readout.value
+    assert count in ex.trainable.value
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -431,7 +584,7 @@ def test_launch_trains_in_background_saves_and_reloads(tmp_path):
     assert all(math.isfinite(v) for _, v in st.loss_points)
     assert st.progress == 1.0 and st.total_steps == 6
     assert events[:2] == ["evaluate", "begin"] and events[-1] == "end" and "log" in events
-    assert [s for s, _ in st.eval_points] == [0, 6]      # before and after training
+    assert [(p.step, p.phase) for p in st.eval_points] == [(0, "before"), (6, "after")]
     s = st.summary()
     assert s["metric"] == "loss" and s["after"] < s["before"]
     assert s["trainable_parameters"] == plan.trainable_parameters()
@@ -462,6 +615,8 @@ def test_stop_ends_a_long_run_midway():
     assert st.wait(timeout=60)
     assert st.status == "stopped"
     assert st.result.steps < 100_000 and "stopped by the observer" in st.result.stop_reason
+    assert st.summary()["stop_reason"] == f"stopped by you at step {st.result.steps}"
+    assert f"stopped by you at step {st.result.steps}" in st.summary_text()
     assert 0 < st.progress < 1
     assert st.save_problem() is None
 
@@ -484,3 +639,111 @@ def test_training_launcher_buttons_drive_state():
     assert ui.progress.value == 1.0 and not ui.save_button.disabled
     assert "4 steps" in ui.summary.value
     assert not ui.launch_button.disabled and ui.reason.value == ""   # may train on
+
+
+def cls_dataset(n=32, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, testing.VOCAB, (n, length), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n,
+                              "labels": torch.randint(0, 2, (n,), generator=g).tolist()})
+
+
+def test_eval_every_marks_before_during_after_on_an_accuracy_axis():
+    torch.manual_seed(0)
+    model = testing.tiny_bert()
+    plan = llama_plan(model, r=2)
+    st = LaunchState(model, plan, cls_dataset(), eval_dataset=cls_dataset(16, seed=1),
+                     lr=1e-3, steps=6, batch_size=8, device="cpu", eval_every=2)
+    st.launch()
+    assert st.wait(timeout=120) and st.status == "finished", st.error
+    # every 2 steps, and the final evaluation at step 6 counted once, as "after"
+    assert [(p.step, p.phase) for p in st.eval_points] == \
+        [(0, "before"), (2, "during"), (4, "during"), (6, "after")]
+    assert st.eval_points[0].metrics["accuracy"] == pytest.approx(
+        st.result.metrics_before["accuracy"])
+    assert st.eval_points[-1].metrics["accuracy"] == pytest.approx(
+        st.result.metrics_after["accuracy"])
+    c = st.chart()
+    assert c.eval_key == "accuracy" and c.eval_range == (0.0, 1.0)
+    assert c.eval_phases == ["before", "during", "during", "after"]
+    assert c.eval_steps == [0, 2, 4, 6]
+    assert c.loss_steps == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match=">= 1"):
+        st.set_eval_every(1.5)
+    with pytest.raises(ValueError, match="needs an eval_dataset"):
+        LaunchState(model, plan, cls_dataset(), device="cpu", eval_every=5)
+
+
+def test_launcher_chart_axis_legend_and_stop_by_you():
+    """Accuracy axis fixed to [0, 1] even with one point; the legend sits above the plot
+    (not over the right axis); Launch is disabled while a run goes; Stop says who stopped."""
+    model = testing.tiny_llama()
+    ui = TrainingLauncher(model, llama_plan(model), lm_dataset(), device="cpu",
+                          steps=100_000, batch_size=4)
+    lay = ui.curves.layout
+    assert lay.legend.orientation == "h" and lay.legend.y >= 1 and lay.legend.yanchor == "bottom"
+    ui.state.eval_points = [EvalPoint(0, {"accuracy": 0.5, "loss": 0.7}, "before")]
+    ui.update_view()
+    assert tuple(lay.yaxis2.range) == (0, 1) and lay.yaxis2.visible
+    assert lay.yaxis2.tickmode == "auto"         # its own ticks, not the loss axis's grid
+    names = [t.name for t in ui.curves.data]
+    assert names == ["train loss", "eval accuracy", "before training", "after training"]
+    assert list(ui.curves.data[2].x) == [0] and list(ui.curves.data[3].x) == []
+    assert ui.curves.data[2].showlegend and not ui.curves.data[3].showlegend
+    ui.state.eval_points = [EvalPoint(0, {"loss": 2.0}, "before")]
+    ui.update_view()
+    assert lay.yaxis2.range is None and lay.yaxis2.autorange is True
+    ui.state.eval_points = []
+    assert ui.eval_every.disabled                # no eval_dataset: nothing to evaluate
+    ui.launch_button.click()
+    try:
+        assert ui.state.running and ui.launch_button.disabled and not ui.stop_button.disabled
+        assert "in progress" in ui.launch_button.tooltip
+        for _ in range(600):
+            if ui.state.loss_points:
+                break
+            ui.state._thread.join(0.05)
+    finally:
+        ui.stop_button.click()
+        assert ui.state.wait(timeout=60)
+    ui.update_view()
+    assert ui.state.status == "stopped" and not ui.launch_button.disabled
+    assert f"stopped by you at step {ui.state.result.steps}" in ui.summary.value
+    assert "observer" not in ui.summary.value
+
+
+# ---------------------------------------------------------------------------- page reload
+def test_reconnecting_page_gets_the_current_figures_and_a_rerun_hint():
+    """After a browser refresh JupyterLab asks the kernel for each widget's state; plotly
+    keeps its synced data at the first draw, so the heatmap came back empty. Our figures
+    answer with what they show now, in one full-state message."""
+    ex = ImportanceExplorer(small_report())
+    ex.normalization.value = "rank"              # edits after the first draw
+    sent = []
+    ex.heat.comm.send = lambda *args, **kwargs: sent.append(kwargs.get("data", args[0] if args
+                                                                        else None))
+    ex.heat._handle_msg({"content": {"data": {"method": "request_state"}}})   # one widget
+    assert len(sent) == 1 and sent[0]["method"] == "update"
+    state = sent[0]["state"]
+    assert ex.prof.get_state()["_widget_data"][0]["y"] is not None   # what request_states sends
+    z = np.array(state["_widget_data"][0]["z"], dtype=float)
+    hm = ex.state.heatmap()
+    finite = ~np.isnan(hm.z)
+    np.testing.assert_allclose(z[finite], hm.z[finite])
+    assert state["_widget_data"][0]["colorbar"]["title"]["text"] == hm.colorbar_title
+    assert hm.colorbar_title.endswith("(rank)")
+    # plotly.js is imported once per page, not once per figure
+    esm = state["_esm"]
+    assert esm.count("globalThis[KEY] ??= import(") == 1 and len(esm) > 1_000_000
+    # every explorer carries the (CSS-triggered) re-run hint and marks its figure boxes
+    for widget in (ex.widget, BudgetExplorer(small_report()).widget):
+        assert "rowsft-explorer" in widget._dom_classes
+        assert "re-run this cell" in widget.children[0].value
+        boxes = [b for b in _walk(widget) if "rowsft-figure" in getattr(b, "_dom_classes", ())]
+        assert boxes and all(len(b.children) == 1 for b in boxes)
+
+
+def _walk(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _walk(child)

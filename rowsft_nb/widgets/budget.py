@@ -24,8 +24,8 @@ import torch
 from ..plan import RowPlan
 from ..scoring.report import ImportanceReport
 from ..targets import module_type
-from ._common import (apply_or_message, human_bytes, human_count, layer_key, layer_label,
-                      types_in_order)
+from ._common import (apply_or_message, explorer_box, figure_box, figure_widget, human_bytes,
+                      human_count, layer_key, layer_label, types_in_order)
 
 STRATEGIES = ("uniform", "per-type", "topk", "coverage")
 UNITS = ("rows", "params")
@@ -114,6 +114,7 @@ class BudgetState:
                                type_percent=tuple((t, float(percent)) for t in self.types))
         self.settings = start
         self.readout = self._compute(start)
+        self.notice = ""    # what the last control change did besides the obvious (or "")
 
     # ------------------------------------------------------------------ reading
     @property
@@ -128,6 +129,20 @@ class BudgetState:
 
     def type_percent(self, module_type_name: str) -> float:
         return dict(self.settings.type_percent)[module_type_name]
+
+    @property
+    def percent_follows_plan(self) -> bool:
+        """True under ``per-type``: the type sliders set the budget, and the global budget
+        slider only shows the plan's share of rows (disabled)."""
+        return self.settings.strategy == "per-type"
+
+    @property
+    def display_percent(self) -> float:
+        """What the global budget slider shows: the budget, or under ``per-type`` the share
+        of rows the plan actually selects."""
+        if self.percent_follows_plan:
+            return self.readout.percent_of_rows
+        return self.settings.percent
 
     # ------------------------------------------------------------------ controls
     def set_percent(self, percent: float) -> None:
@@ -152,14 +167,23 @@ class BudgetState:
         self._apply(unit=unit)
 
     def set_strategy(self, strategy: str) -> None:
+        """Pick a strategy; one that takes another budget unit (``topk``/``coverage`` spend
+        a parameter budget) switches the unit too and says so in :attr:`notice`."""
         if strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         allowed = STRATEGY_UNITS[strategy]
+        changes: dict[str, Any] = {"strategy": strategy}
+        notice = ""
         if self.settings.unit not in allowed:
-            raise ValueError(f"Strategy {strategy!r} spends a budget in "
-                             f"{' or '.join(UNIT_LABELS[u] for u in allowed)}, but the unit is "
-                             f"{UNIT_LABELS[self.settings.unit]}: switch the unit first")
-        self._apply(strategy=strategy)
+            changes["unit"] = allowed[0]
+            notice = (f"Switched the unit to {UNIT_LABELS[allowed[0]]}: {strategy!r} spends "
+                      f"a budget in {UNIT_LABELS[allowed[0]]} ({self.settings.percent:g}% of "
+                      f"the target modules' {'parameters' if allowed[0] == 'params' else 'rows'})")
+        if strategy == "per-type":
+            # the type sliders start where the global budget is
+            changes["type_percent"] = tuple((t, self.settings.percent) for t in self.types)
+        self._apply(**changes)
+        self.notice = notice
 
     def set_normalizer(self, normalizer: str) -> None:
         """How ``topk``/``coverage`` make scores comparable across modules."""
@@ -210,10 +234,10 @@ class BudgetState:
         self._apply(max_rows=max_rows)
 
     def set_head_aligned(self, on: bool) -> None:
-        """Select whole attention heads (report.groups) instead of single rows."""
-        if on and not self.report.groups:
-            raise ValueError("This report has no head groups (report.groups is empty), so "
-                             "rows cannot be head-aligned; score with groups or leave it off")
+        """Select whole attention heads (report.head_dims) instead of single rows."""
+        if on and not self.report.head_dims:
+            raise ValueError("This report has no attention heads (report.head_dims is empty), so "
+                             "rows cannot be head-aligned; leave 'whole heads' off")
         self._apply(head_aligned=bool(on))
 
     def set_memory_shape(self, batch_size: int, seq_len: int) -> None:
@@ -235,6 +259,7 @@ class BudgetState:
         settings = dataclasses.replace(self.settings, **changes)
         readout = self._compute(settings)   # raises before anything changes
         self.settings, self.readout = settings, readout
+        self.notice = ""
 
     def budget(self, settings: BudgetSettings | None = None):
         """The ``rowsft_nb.selection`` budget object for ``settings`` (default: current)."""
@@ -282,13 +307,24 @@ class BudgetState:
             self._cache.popitem(last=False)
         return readout
 
-    def summary_text(self) -> str:
-        """The live readout as one line of text."""
+    def trainable_text(self) -> str:
+        """``trainable parameters: 1,234 (0.5% of the model)``: the one place the count is
+        printed."""
         r = self.readout
-        return (f"trainable {human_count(r.trainable)} params ({r.trainable:,}; "
-                f"{r.percent_of_model:.3g}% of the model) · {r.rows:,} rows "
-                f"({r.percent_of_rows:.3g}%) · equivalent LoRA rank {r.lora_rank:.1f} · "
-                f"importance covered {100 * r.coverage_total:.1f}%")
+        short = f"{human_count(r.trainable)}; " if r.trainable >= 1000 else ""
+        return (f"trainable parameters: {r.trainable:,} ({short}"
+                f"{r.percent_of_model:.3g}% of the model)")
+
+    def summary_text(self, trainable: bool = True) -> str:
+        """The live readout as one line of text (without the trainable count when
+        ``trainable=False``: the explorer prints it on its own line)."""
+        r = self.readout
+        parts = [f"trainable {human_count(r.trainable)} params ({r.trainable:,}; "
+                 f"{r.percent_of_model:.3g}% of the model)"] if trainable else []
+        parts += [f"{r.rows:,} rows ({r.percent_of_rows:.3g}% of the target rows)",
+                  f"equivalent LoRA rank {r.lora_rank:.1f}",
+                  f"importance covered {100 * r.coverage_total:.1f}%"]
+        return " · ".join(parts)
 
 
 def _mean_normalized(s: torch.Tensor) -> np.ndarray:
@@ -315,9 +351,11 @@ class BudgetExplorer:
         st = self.state
         s = st.settings
         wide = {"description_width": "110px"}
-        self.percent = W.FloatSlider(value=s.percent, min=0.1, max=100.0, step=0.1,
-                                     description="budget %", continuous_update=True, style=wide,
-                                     readout_format=".1f", layout=W.Layout(width="420px"))
+        # log scale: 0.1 .. 100 %, the usual 0.5-10 % get 43% of the track
+        self.percent = W.FloatLogSlider(value=s.percent, base=10, min=-1, max=2, step=0.01,
+                                        description="budget %", continuous_update=True,
+                                        style=wide, readout_format=".3g",
+                                        layout=W.Layout(width="420px"))
         self.unit = W.ToggleButtons(options=[(UNIT_LABELS[u], u) for u in UNITS], value=s.unit,
                                     description="unit", style={**wide, "button_width": "110px"},
                                     tooltips=["share of the target modules' rows",
@@ -332,7 +370,7 @@ class BudgetExplorer:
         self.max_rows = W.BoundedIntText(value=0, min=0, max=10**9, description="max rows (0=∞)",
                                          style=wide, layout=W.Layout(width="220px"))
         self.head_aligned = W.Checkbox(value=False, description="whole heads", indent=False,
-                                       disabled=not report.groups)
+                                       disabled=not report.head_dims)
         self.batch_size = W.BoundedIntText(value=s.batch_size, min=1, max=10**6,
                                            description="batch", style=wide,
                                            layout=W.Layout(width="200px"))
@@ -353,11 +391,11 @@ class BudgetExplorer:
 
         methods = list(st.readout.memory)
         components = list(next(iter(st.readout.memory.values())))
-        self.memory = go.FigureWidget(
+        self.memory = figure_widget(
             data=[go.Bar(name=c, x=[METHOD_LABELS.get(m, m) for m in methods]) for c in components],
             layout=dict(barmode="stack", height=300, width=520,
                         margin=dict(l=60, r=10, t=40, b=40), title="estimated training memory"))
-        self.coverage = go.FigureWidget(
+        self.coverage = figure_widget(
             data=[go.Bar(x=[layer_label(k) for k in st.layers], marker_color="seagreen")],
             layout=dict(height=300, width=420, margin=dict(l=50, r=10, t=40, b=60),
                         title="importance covered per layer", yaxis=dict(title="%", range=[0, 100])))
@@ -379,9 +417,11 @@ class BudgetExplorer:
         left = W.VBox([self.percent, self.unit, self.strategy, self.normalizer,
                        W.HBox([self.min_rows, self.max_rows]), self.head_aligned,
                        W.HBox([self.batch_size, self.seq_len])])
-        self.widget = W.VBox([W.HBox([left, types_box]), self.trainable, self.readout,
-                              self.message, W.HBox([self.memory, self.coverage]),
-                              W.HBox([self.path, self.export_button])])
+        self.widget = explorer_box([W.HBox([left, types_box]), self.trainable, self.readout,
+                                    self.message,
+                                    W.HBox([figure_box(self.memory), figure_box(self.coverage)]),
+                                    W.HBox([self.path, self.export_button])]
+                                   ).add_class("rowsft-budget")
         self.update_view()
 
     @property
@@ -397,20 +437,24 @@ class BudgetExplorer:
         def on_change(change):
             if self._syncing:
                 return
-            apply_or_message(lambda: setter(change["new"]), self._show)
+            if apply_or_message(lambda: setter(change["new"]), self._show) and \
+                    self.state.notice:
+                self._show(self.state.notice, error=False)
             self.update_view()   # also puts a refused control back to the state's value
         widget.observe(on_change, names="value")
 
     _syncing = False
 
-    def _show(self, text: str) -> None:
-        self.message.value = f"<span style='color:#b00'>{text}</span>" if text else ""
+    def _show(self, text: str, error: bool = True) -> None:
+        color = "#b00" if error else "#06c"
+        self.message.value = f"<span style='color:{color}'>{text}</span>" if text else ""
 
     def _sync_controls(self) -> None:
         s = self.state.settings
         self._syncing = True
         try:
-            values = {self.percent: s.percent, self.unit: s.unit, self.strategy: s.strategy,
+            values = {self.percent: self.state.display_percent, self.unit: s.unit,
+                      self.strategy: s.strategy,
                       self.normalizer: s.normalizer, self.min_rows: s.min_rows,
                       self.max_rows: s.max_rows or 0, self.head_aligned: s.head_aligned,
                       self.batch_size: s.batch_size, self.seq_len: s.seq_len}
@@ -421,6 +465,10 @@ class BudgetExplorer:
             per_type = s.strategy == "per-type"
             for w in self.type_sliders.values():
                 w.disabled = not per_type
+            self.percent.disabled = self.state.percent_follows_plan
+            self.percent.description = "rows %" if per_type else "budget %"
+            self.percent.tooltip = ("per-type: the type sliders set the budget; this shows the "
+                                    "plan's share of rows") if per_type else ""
             self.normalizer.disabled = s.strategy not in ("topk", "coverage")
         finally:
             self._syncing = False
@@ -429,9 +477,9 @@ class BudgetExplorer:
         """Push the state's readout into the controls, text and figures."""
         self._sync_controls()
         r = self.state.readout
-        self.trainable.value = (f"trainable parameters: {r.trainable:,} "
-                                f"({r.percent_of_model:.3g}% of the model)")
-        self.readout.value = (f"{self.state.summary_text()}<br><i>{self.state.message}</i>")
+        self.trainable.value = self.state.trainable_text()
+        self.readout.value = (f"{self.state.summary_text(trainable=False)}<br>"
+                              f"<i>{self.state.message}</i>")
         peak = max(sum(c.values()) for c in r.memory.values())
         unit, scale = next((u, b) for u, b in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
                                                ("bytes", 1)) if peak >= b or b == 1)
@@ -445,6 +493,6 @@ class BudgetExplorer:
             self.coverage.data[0].y = [100.0 * r.coverage[k] for k in self.state.layers]
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        from .static import display_explorer
 
-        display(self.widget)
+        display_explorer(self.widget)  # live widget + static PNG for readers who do not run it

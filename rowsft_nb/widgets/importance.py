@@ -21,7 +21,8 @@ import torch
 from ..plan import RowPlan
 from ..scoring.report import ImportanceReport
 from ..targets import module_type
-from ._common import apply_or_message, layer_key, layer_label, types_in_order
+from ._common import (apply_or_message, explorer_box, figure_box, figure_widget, layer_key,
+                      layer_label, types_in_order)
 
 NORMALIZATIONS = ("none", "mean", "max", "rank")
 ORDERS = ("index", "sorted")
@@ -39,8 +40,11 @@ class HeatmapData:
     column_types: list[str]
     column_ranges: list[tuple[int, int]]   # [start, end) neuron indices (ranks when sorted)
     type_spans: list[tuple[str, int, int]]  # (type, first column, last column + 1)
-    customdata: np.ndarray              # [rows, cols, 2]: module name, neuron range text
+    customdata: np.ndarray              # [rows, cols, 3]: module name, neuron range text,
+                                        # raw (un-normalized, linear) score of the bin
     colorbar_title: str
+    value_label: str = "score"          # what z is, e.g. "log10(score/mean)"
+    hovertemplate: str = ""             # says what is plotted and shows the raw score
 
 
 @dataclass
@@ -51,6 +55,9 @@ class ProfileData:
     scores: np.ndarray                  # [d_out], normalized as the heatmap
     selected: np.ndarray                # int64 row indices from the plan (may be empty)
     covered: float                      # share of the module's (non-negative) score mass selected
+    raw: np.ndarray | None = None       # [d_out] un-normalized scores (hover)
+    title: str = ""                     # two short lines: module, then selection summary
+    marks_label: str = "selected rows"  # legend of the marks: which plan / metric they come from
 
 
 @dataclass
@@ -61,6 +68,8 @@ class ConcentrationData:
     fraction: np.ndarray                # [CDF_POINTS] fraction of neurons, 0..1
     curves: dict[int, np.ndarray]       # layer key -> [CDF_POINTS] share of score mass
     gini: dict[int, float]
+    labels: dict[int, str] | None = None  # layer key -> legend label ("layer 3 (gini 0.41)")
+    note: str = ""                      # one line when the curves need explaining (rank)
 
 
 class ImportanceState:
@@ -75,7 +84,9 @@ class ImportanceState:
     """
 
     def __init__(self, reports: ImportanceReport | Mapping[str, ImportanceReport],
-                 plan: RowPlan | None = None, max_columns: int = 256) -> None:
+                 plan: RowPlan | None = None, max_columns: int = 256, *,
+                 metric: str | None = None, normalization: str = "none",
+                 log_scale: bool = False, order: str = "index") -> None:
         if isinstance(reports, ImportanceReport):
             reports = {reports.metric: reports}
         reports = dict(reports)
@@ -89,10 +100,19 @@ class ImportanceState:
             raise ValueError(f"max_columns must be >= 1, got {max_columns}")
         self.reports = reports
         self.max_columns = int(max_columns)
-        self.metric = next(iter(reports))
+        # Open on the metric the plan was selected by, so its marks sit on the plotted peaks.
+        plan_metric = (plan.meta or {}).get("metric") if plan is not None else None
+        if metric is None:
+            metric = plan_metric if plan_metric in reports else next(iter(reports))
+        if metric not in reports:
+            raise ValueError(f"Unknown metric {metric!r}; available: {list(reports)}")
+        self.metric = metric
         self.normalization = "none"
         self.log_scale = False
         self.order = "index"
+        self.set_normalization(normalization)
+        self.set_log_scale(log_scale)
+        self.set_order(order)
         self.types = self.available_types()
         self.module: str | None = reports[self.metric].modules[0] if \
             reports[self.metric].modules else None
@@ -159,6 +179,30 @@ class ImportanceState:
                                  "was made for another model")
         self.plan = plan
 
+    @property
+    def plan_metric(self) -> str | None:
+        """The metric the plan's rows were selected by (``plan.meta['metric']``), if known."""
+        if self.plan is None:
+            return None
+        return (self.plan.meta or {}).get("metric")
+
+    def marks_label(self) -> str:
+        """Legend of the profile's marks: which metric's plan they come from (and a warning
+        when another metric is plotted: then the marks need not sit on the peaks)."""
+        pm = self.plan_metric
+        if pm is None:
+            return "selected rows (plan)"
+        if pm == self.metric:
+            return f"rows selected by {pm}"
+        return f"rows selected by {pm} (plotted: {self.metric})"
+
+    def value_label(self) -> str:
+        """What the heatmap and profile plot: ``score``, ``score/mean``, ``rank/n``...,
+        wrapped in ``log10(...)`` when the log scale is on."""
+        base = {"none": "score", "mean": "score/mean", "max": "score/max",
+                "rank": "rank/n"}[self.normalization]
+        return f"log10({base})" if self.log_scale else base
+
     def select_module(self, name: str) -> None:
         if name not in self.report.scores:
             raise ValueError(f"Module {name!r} is not in the {self.metric!r} report")
@@ -189,7 +233,8 @@ class ImportanceState:
         bins = self._bins_per_type(grid)
         n_cols = sum(bins.values())
         z = np.full((len(rows), n_cols), np.nan)
-        custom = np.full((len(rows), n_cols, 2), "", dtype=object)
+        custom = np.full((len(rows), n_cols, 3), "", dtype=object)
+        base = self.reports[self.metric]
         column_types: list[str] = []
         column_ranges: list[tuple[int, int]] = []
         spans: list[tuple[str, int, int]] = []
@@ -204,12 +249,15 @@ class ImportanceState:
                     continue
                 means, edges = bin_means(self.report.scores[name], b, self.order == "sorted")
                 z[ri, col0:col0 + b] = means
+                raw = means if self.normalization == "none" else \
+                    bin_means(base.scores[name], b, self.order == "sorted")[0]
                 ranges = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
                 ranges_t = ranges_t or ranges
                 what = "ranks" if self.order == "sorted" else "neurons"
                 for j, (a, e) in enumerate(ranges):
                     custom[ri, col0 + j, 0] = name
                     custom[ri, col0 + j, 1] = f"{what} {a}" if e - a == 1 else f"{what} {a}-{e - 1}"
+                    custom[ri, col0 + j, 2] = float(raw[j])
             column_types += [t] * b
             column_ranges += ranges_t or [(0, 0)] * b
             col0 += b
@@ -218,9 +266,16 @@ class ImportanceState:
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.where(z > 0, np.log10(np.where(z > 0, z, 1.0)), np.nan)
             title = f"log10 {title}"
+        label = self.value_label()
+        hover = "%{customdata[0]}<br>%{customdata[1]}<br>"
+        if label == "score":
+            hover += f"{self.metric} score %{{z:.4g}}"
+        else:   # say what is plotted, and show the raw score next to it
+            hover += f"{label} %{{z:.4g}}<br>{self.metric} score %{{customdata[2]:.4g}}"
         return HeatmapData(z=z, rows=rows, row_labels=[layer_label(r) for r in rows],
                            column_types=column_types, column_ranges=column_ranges,
-                           type_spans=spans, customdata=custom, colorbar_title=title)
+                           type_spans=spans, customdata=custom, colorbar_title=title,
+                           value_label=label, hovertemplate=hover + "<extra></extra>")
 
     def cell_module(self, row: int, col: int) -> str | None:
         """Module drawn in heatmap cell (row, col), None where the layer lacks it."""
@@ -256,8 +311,14 @@ class ImportanceState:
         mass = s.clamp_min(0)
         total = float(mass.sum())
         covered = float(mass[selected].sum()) / total if total > 0 else 0.0
+        raw = self.reports[self.metric].scores[name].numpy().copy()
+        if self.plan is None:
+            title = f"{name}<br><sup>no plan given: no rows marked</sup>"
+        else:   # two short lines, so the title fits the narrow profile plot
+            title = (f"{name}<br><sup>{selected.numel()} of {s.numel()} rows selected · "
+                     f"{100 * covered:.1f}% of its importance</sup>")
         return ProfileData(module=name, scores=s.numpy().copy(), selected=selected.numpy(),
-                           covered=covered)
+                           covered=covered, raw=raw, title=title, marks_label=self.marks_label())
 
     def concentration(self) -> ConcentrationData:
         """Per layer (visible types pooled): share of score mass in the top x of neurons."""
@@ -268,7 +329,14 @@ class ImportanceState:
             names = [n for (lk, _), n in grid.items() if lk == layer]
             s = torch.cat([self.report.scores[n] for n in names])
             curves[layer], ginis[layer] = top_share_curve(s, frac)
-        return ConcentrationData(fraction=frac, curves=curves, gini=ginis)
+        labels = {k: f"{layer_label(k)} (gini {g:.2f})" for k, g in ginis.items()}
+        note = ""
+        if self.normalization == "rank":
+            note = ("Rank normalization turns every module's scores into 1/n, 2/n, ..., 1, so "
+                    "all layers draw the same curve (gini ≈ 1/3); choose none, mean or max "
+                    "to compare layers.")
+        return ConcentrationData(fraction=frac, curves=curves, gini=ginis, labels=labels,
+                                 note=note)
 
 
 def bin_means(scores: torch.Tensor, n_bins: int, sort: bool = False
@@ -304,43 +372,51 @@ class ImportanceExplorer:
 
     Usage: ``ImportanceExplorer(report, plan=plan)`` as the last line of a cell.
     ``explorer.state`` holds all logic; ``explorer.widget`` is the displayed box.
+    It opens on the plan's metric, scores divided by each module's mean, log scale (what
+    the notebooks' static heatmaps show); pass ``normalization``/``log_scale`` to change it.
     """
 
     def __init__(self, reports: ImportanceReport | Mapping[str, ImportanceReport],
-                 plan: RowPlan | None = None, max_columns: int = 256) -> None:
+                 plan: RowPlan | None = None, max_columns: int = 256, *,
+                 metric: str | None = None, normalization: str = "mean",
+                 log_scale: bool = True, order: str = "index") -> None:
         import ipywidgets as W
         import plotly.graph_objects as go
 
-        self.state = ImportanceState(reports, plan=plan, max_columns=max_columns)
+        self.state = ImportanceState(reports, plan=plan, max_columns=max_columns, metric=metric,
+                                     normalization=normalization, log_scale=log_scale,
+                                     order=order)
         st = self.state
         self.metric = W.Dropdown(options=list(st.reports), value=st.metric,
                                  description="metric",
                                  layout=W.Layout(display="" if len(st.reports) > 1 else "none"))
-        self.normalization = W.ToggleButtons(options=list(NORMALIZATIONS), value="none",
-                                             description="normalize", style={"button_width": "60px"})
+        self.normalization = W.ToggleButtons(options=list(NORMALIZATIONS),
+                                             value=st.normalization, description="normalize",
+                                             style={"button_width": "60px"})
         self.types = W.SelectMultiple(options=st.available_types(), value=tuple(st.types),
                                       description="types", rows=min(7, len(st.types)))
-        self.log_scale = W.Checkbox(value=False, description="log scale", indent=False)
-        self.order = W.Dropdown(options=list(ORDERS), value="index", description="neurons")
+        self.log_scale = W.Checkbox(value=st.log_scale, description="log scale", indent=False)
+        self.order = W.Dropdown(options=list(ORDERS), value=st.order, description="neurons")
         self.message = W.HTML()
-        self.heat = go.FigureWidget(
-            data=[go.Heatmap(colorscale="Viridis",
-                             hovertemplate="%{customdata[0]}<br>%{customdata[1]}"
-                                           "<br>score %{z:.4g}<extra></extra>")],
+        self.note = W.HTML().add_class("rowsft-concentration-note")
+        self.heat = figure_widget(
+            data=[go.Heatmap(colorscale="Viridis")],
             layout=dict(height=420, margin=dict(l=70, r=10, t=30, b=60),
                         title="neuron importance (click a cell)", xaxis=dict(showgrid=False),
                         yaxis=dict(autorange="reversed")))
-        self.prof = go.FigureWidget(
+        self.prof = figure_widget(
             data=[go.Scatter(mode="lines", name="score", line=dict(width=1)),
                   go.Scatter(mode="markers", name="selected rows",
                              marker=dict(color="crimson", size=5, symbol="line-ns-open"))],
-            layout=dict(height=280, width=520, margin=dict(l=50, r=10, t=40, b=40),
+            layout=dict(height=300, width=520, margin=dict(l=50, r=10, t=60, b=40),
                         legend=dict(orientation="h", y=-0.25), title_font_size=12,
                         title="click a heatmap cell for a module's profile",
                         xaxis_title="neuron", yaxis_title="score"))
-        self.conc = go.FigureWidget(layout=dict(
-            height=280, width=420, margin=dict(l=50, r=10, t=40, b=40), showlegend=False,
-            title="importance concentration per layer",
+        self.conc = figure_widget(layout=dict(
+            height=300, width=460, margin=dict(l=50, r=10, t=60, b=40), showlegend=True,
+            legend=dict(x=0.98, xanchor="right", y=0.02, yanchor="bottom", font_size=10,
+                        bgcolor="rgba(255,255,255,0.7)"),
+            title="importance concentration per layer", title_font_size=12,
             xaxis_title="top fraction of neurons", yaxis_title="share of importance"))
         self.heat.data[0].on_click(self._on_click)
         for w, setter in ((self.metric, st.set_metric), (self.normalization, st.set_normalization),
@@ -349,8 +425,9 @@ class ImportanceExplorer:
             w.observe(self._handler(w, setter), names="value")
         controls = W.HBox([W.VBox([self.metric, self.normalization, self.order, self.log_scale]),
                            self.types])
-        self.widget = W.VBox([controls, self.message, self.heat,
-                              W.HBox([self.prof, self.conc])])
+        self.widget = explorer_box([controls, self.message, figure_box(self.heat),
+                                    W.HBox([figure_box(self.prof), figure_box(self.conc)]),
+                                    self.note]).add_class("rowsft-importance")
         self.refresh()
 
     _syncing = False
@@ -398,6 +475,7 @@ class ImportanceExplorer:
             tr.x = list(range(hm.z.shape[1]))
             tr.y = hm.row_labels
             tr.customdata = hm.customdata
+            tr.hovertemplate = hm.hovertemplate
             tr.colorbar = dict(title=dict(text=hm.colorbar_title, side="right"))
             self.heat.layout.xaxis.tickvals = centers
             self.heat.layout.xaxis.ticktext = [t for t, _, _ in hm.type_spans]
@@ -409,16 +487,29 @@ class ImportanceExplorer:
         self._draw_profile()
 
     def _draw_concentration(self) -> None:
+        """One labelled line per layer (coloured by depth) and the uniform diagonal."""
+        from plotly.colors import sample_colorscale
+
         conc = self.state.concentration()
-        names = [f"{layer_label(k)} (gini {conc.gini[k]:.2f})" for k in conc.curves]
+        names = [conc.labels[k] for k in conc.curves]
+        n = len(names)
         with self.conc.batch_update():
-            if len(self.conc.data) != len(conc.curves):
+            if len(self.conc.data) != n + 1:
                 self.conc.data = []
-                for name in names:
-                    self.conc.add_scatter(x=conc.fraction, mode="lines", line=dict(width=1))
-            for trace, name, curve in zip(self.conc.data, names, conc.curves.values()):
+                self.conc.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="uniform",
+                                      line=dict(width=1, dash="dot", color="gray"))
+                for i in range(n):
+                    color = sample_colorscale("Viridis", i / max(1, n - 1))[0]
+                    # a legend entry per layer up to 12 layers; beyond, first/middle/last
+                    shown = n <= 12 or i in (0, n // 2, n - 1)
+                    self.conc.add_scatter(x=conc.fraction, mode="lines", showlegend=shown,
+                                          line=dict(width=1.2, color=color))
+            for trace, name, curve in zip(self.conc.data[1:], names, conc.curves.values()):
                 trace.y = curve
                 trace.name = name
+                trace.hovertemplate = (f"{name}<br>top %{{x:.0%}} of neurons hold "
+                                       "%{y:.0%} of the importance<extra></extra>")
+        self.note.value = f"<i>{conc.note}</i>" if conc.note else ""
 
     def _draw_profile(self) -> None:
         prof = self.state.profile()
@@ -427,16 +518,26 @@ class ImportanceExplorer:
         y = prof.scores
         if self.state.log_scale:
             y = np.where(y > 0, np.log10(np.where(y > 0, y, 1.0)), np.nan)
+        label = self.state.value_label()
+        metric = self.state.metric
+        hover = (f"neuron %{{x}}<br>{label} %{{y:.4g}}" +
+                 ("" if label == "score" else f"<br>{metric} score %{{customdata:.4g}}") +
+                 "<extra></extra>")
         with self.prof.batch_update():
             self.prof.data[0].x = np.arange(y.size)
             self.prof.data[0].y = y
+            self.prof.data[0].customdata = prof.raw
+            self.prof.data[0].hovertemplate = hover
+            self.prof.data[0].name = label
             self.prof.data[1].x = prof.selected
             self.prof.data[1].y = y[prof.selected]
-            self.prof.layout.title = (f"{prof.module}: {prof.selected.size} rows selected, "
-                                      f"{100 * prof.covered:.1f}% of its importance")
-            self.prof.layout.yaxis.title = "log10 score" if self.state.log_scale else "score"
+            self.prof.data[1].customdata = prof.raw[prof.selected]
+            self.prof.data[1].hovertemplate = hover
+            self.prof.data[1].name = prof.marks_label
+            self.prof.layout.title = prof.title
+            self.prof.layout.yaxis.title = label
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        from .static import display_explorer
 
-        display(self.widget)
+        display_explorer(self.widget)  # live widget + static PNG for readers who do not run it

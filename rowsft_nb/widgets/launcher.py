@@ -18,17 +18,41 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from ..plan import RowPlan
-from ._common import apply_or_message, human_bytes, human_count
+from ._common import (apply_or_message, explorer_box, figure_box, figure_widget, human_bytes,
+                      human_count)
 
 MODES = ("steps", "epochs")
 IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
     "idle", "running", "stopping", "finished", "stopped", "failed")
+
+
+class EvalPoint(NamedTuple):
+    """One evaluation: ``phase`` is ``before`` (step 0), ``during`` (every ``eval_every``
+    steps) or ``after`` (the final evaluation, after the last step or Stop)."""
+
+    step: int
+    metrics: dict[str, float]
+    phase: str
+
+
+@dataclass
+class ChartData:
+    """What the launcher's chart draws: the loss, the evaluations on a second axis."""
+
+    loss_steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    eval_key: str | None = None             # "accuracy" or "loss"; None before any evaluation
+    eval_steps: list[int] = field(default_factory=list)
+    eval_values: list[float] = field(default_factory=list)
+    eval_phases: list[str] = field(default_factory=list)    # "before" / "during" / "after"
+    eval_range: tuple[float, float] | None = None           # fixed [0, 1] for accuracy
 
 
 def _same_rows(a: RowPlan, b: RowPlan) -> bool:
@@ -45,10 +69,11 @@ class LaunchState:
 
         state = LaunchState(model, plan, dataset, eval_dataset=eval_ds)   # plan: RowPlan or
                                                                           # a BudgetExplorer
-        state.set_lr(1e-3); state.set_steps(200)
+        state.set_lr(1e-3); state.set_steps(200); state.set_eval_every(50)
         state.launch_problem()          # None, or why Launch is disabled
         state.launch(); ...; state.stop(); state.wait()
         state.loss_points               # [(step, loss), ...] as they arrived
+        state.eval_points               # [EvalPoint(step, metrics, phase), ...]
         state.save("out/adapter")
     """
 
@@ -56,6 +81,7 @@ class LaunchState:
                  tokenizer=None, task: str | None = None, lr: float = 1e-4, steps: int = 100,
                  epochs: float = 1.0, mode: str = "steps", batch_size: int = 8,
                  device: str | None = None, logging_steps: int = 1,
+                 eval_every: int | None = None,
                  devices: list[tuple[str, str]] | None = None,
                  train_kwargs: dict[str, Any] | None = None) -> None:
         from ..train import list_devices
@@ -79,6 +105,8 @@ class LaunchState:
         if logging_steps < 1:
             raise ValueError(f"logging_steps must be >= 1, got {logging_steps}")
         self.logging_steps = int(logging_steps)
+        self.eval_every: int | None = None
+        self.set_eval_every(eval_every)
         # An unknown device is kept (and Launch refused) so a notebook written on a GPU box
         # still opens on a laptop and says why it cannot launch.
         self.device = device if device is not None else self.devices[0][0]
@@ -87,8 +115,9 @@ class LaunchState:
         self.total_steps: int | None = None
         self.step = 0
         self.loss_points: list[tuple[int, float]] = []
-        self.eval_points: list[tuple[int, dict[str, float]]] = []
+        self.eval_points: list[EvalPoint] = []
         self.result = None
+        self.stopped_by_user = False
         self.started_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,6 +167,20 @@ class LaunchState:
             self._require_idle("the batch size")
         self.batch_size = int(batch_size)
 
+    def set_eval_every(self, steps: int | None) -> None:
+        """Evaluate every ``steps`` optimizer steps as well as before and after (None or 0:
+        before and after only)."""
+        steps = None if not steps else steps
+        if steps is not None:
+            if int(steps) != steps or int(steps) < 1:
+                raise ValueError(f"eval_every must be a whole number of steps >= 1 (or 0 "
+                                 f"for before/after only), got {steps}")
+            if self.eval_dataset is None:
+                raise ValueError("eval_every needs an eval_dataset: pass "
+                                 "eval_dataset=... to the launcher")
+        self._require_idle("the evaluation interval")
+        self.eval_every = None if steps is None else int(steps)
+
     def set_device(self, device: str) -> None:
         self._require_idle("the device")
         if device not in self.device_ids:
@@ -170,7 +213,7 @@ class LaunchState:
     @property
     def running(self) -> bool:
         """True from launch() until the run has ended (finished, stopped or failed)."""
-        return self.status in (RUNNING, STOPPING)
+        return getattr(self, "status", IDLE) in (RUNNING, STOPPING)
 
     def launch_problem(self) -> str | None:
         """Why Launch is refused right now, or None when it may start."""
@@ -221,6 +264,7 @@ class LaunchState:
             self.status, self.error, self.result = RUNNING, None, None
             self.step, self.total_steps = 0, None
             self.loss_points, self.eval_points = [], []
+            self.stopped_by_user = False
             self.started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="rowsft-train", daemon=True)
         self._thread.start()
@@ -231,7 +275,10 @@ class LaunchState:
         state = self
 
         class Observer(TrainingObserver):
+            began = False
+
             def on_begin(self, total_steps: int) -> None:
+                self.began = True
                 state.total_steps = int(total_steps)
                 state._emit("begin")
 
@@ -243,8 +290,10 @@ class LaunchState:
                 state._emit("log")
 
             def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+                # "after" is known only when train() returns: see _mark_final_evaluation
+                phase = "during" if self.began else "before"
                 with state._lock:
-                    state.eval_points.append((int(step), dict(metrics)))
+                    state.eval_points.append(EvalPoint(int(step), dict(metrics), phase))
                 state._emit("evaluate")
 
             def should_stop(self) -> bool:
@@ -258,10 +307,15 @@ class LaunchState:
             kwargs["max_steps"] = self.steps
         else:
             kwargs["epochs"] = self.epochs
+        if self.eval_every and self.eval_dataset is not None:
+            kwargs["eval_steps"] = self.eval_every
         kwargs.update(self.train_kwargs)
         try:
             result = train(self.model, self.dataset, **kwargs)
             with self._lock:
+                if result.metrics_after:
+                    self._mark_final_evaluation()
+                self.stopped_by_user = result.stopped_early and self._stop.is_set()
                 self.result = result
                 self.step = result.steps
                 self.status = STOPPED if result.stopped_early else FINISHED
@@ -269,6 +323,17 @@ class LaunchState:
             with self._lock:
                 self.status, self.error = FAILED, f"{type(err).__name__}: {err}"
         self._emit("end")
+
+    def _mark_final_evaluation(self) -> None:
+        """The last evaluation of a run is the one after training; an evaluation at the same
+        step just before it (``eval_every`` divides the steps) is the same point: drop it."""
+        if not self.eval_points:
+            return
+        last = self.eval_points.pop()
+        if self.eval_points and self.eval_points[-1].phase == "during" and \
+                self.eval_points[-1].step == last.step:
+            self.eval_points.pop()
+        self.eval_points.append(last._replace(phase="after"))
 
     def stop(self) -> None:
         """Ask the run to stop after the current optimizer step (returns at once)."""
@@ -299,10 +364,29 @@ class LaunchState:
         if r is None:
             return None
         key = "accuracy" if "accuracy" in r.metrics_after else "loss"
+        reason = f"stopped by you at step {r.steps}" if self.stopped_by_user else r.stop_reason
         return {"metric": key, "before": r.metrics_before.get(key),
                 "after": r.metrics_after.get(key), "steps": r.steps, "seconds": r.seconds,
                 "peak_memory_bytes": r.peak_memory_bytes, "peak_memory_kind": r.peak_memory_kind,
-                "stop_reason": r.stop_reason, "trainable_parameters": r.trainable_parameters}
+                "stop_reason": reason, "trainable_parameters": r.trainable_parameters}
+
+    def chart(self) -> ChartData:
+        """The loss points and the evaluations (before / every ``eval_every`` / after) as
+        the chart draws them; the evaluation axis is fixed to [0, 1] for accuracy."""
+        with self._lock:
+            loss = list(self.loss_points)
+            evals = list(self.eval_points)
+        data = ChartData(loss_steps=[s for s, _ in loss], loss=[v for _, v in loss])
+        if not evals:
+            return data
+        key = "accuracy" if "accuracy" in evals[-1].metrics else "loss"
+        points = [p for p in evals if key in p.metrics]
+        data.eval_key = key
+        data.eval_steps = [p.step for p in points]
+        data.eval_values = [float(p.metrics[key]) for p in points]
+        data.eval_phases = [p.phase for p in points]
+        data.eval_range = (0.0, 1.0) if key == "accuracy" else None
+        return data
 
     def summary_text(self) -> str:
         if self.status == FAILED:
@@ -354,6 +438,7 @@ class TrainingLauncher:
         import plotly.graph_objects as go
 
         self.state = LaunchState(model, plan, dataset, **state_kwargs)
+        self._view_lock = threading.RLock()
         st = self.state
         wide = {"description_width": "90px"}
         self.lr = W.FloatLogSlider(value=st.lr, base=10, min=-6, max=-1, step=0.1,
@@ -368,6 +453,11 @@ class TrainingLauncher:
         self.batch_size = W.BoundedIntText(value=st.batch_size, min=1, max=10**6,
                                            description="batch size", style=wide,
                                            layout=W.Layout(width="200px"))
+        self.eval_every = W.BoundedIntText(
+            value=st.eval_every or 0, min=0, max=10**9, description="eval every",
+            style=wide, layout=W.Layout(width="200px"),
+            tooltip="evaluate every N steps as well as before and after (0: before/after only)",
+            disabled=st.eval_dataset is None)
         options = [(label, d) for d, label in st.devices]
         if st.device not in st.device_ids:
             options.append((f"{st.device} (missing)", st.device))
@@ -384,29 +474,42 @@ class TrainingLauncher:
         self.summary = W.HTML().add_class("rowsft-summary")
         self.path = W.Text(value=adapter_dir, description="adapter dir", style=wide)
         self.save_button = W.Button(description="Save adapter", icon="save", disabled=True)
-        self.curves = go.FigureWidget(
+        self.curves = figure_widget(
             data=[go.Scatter(mode="lines+markers", name="train loss", marker=dict(size=4)),
                   go.Scatter(mode="lines+markers", name="eval", yaxis="y2",
-                             marker=dict(size=7, symbol="diamond"))],
-            layout=dict(height=320, margin=dict(l=50, r=50, t=30, b=40), title="training",
-                        xaxis_title="step", yaxis_title="loss",
-                        yaxis2=dict(title="eval", overlaying="y", side="right", visible=False)))
+                             line=dict(color="darkorange", dash="dot"),
+                             marker=dict(size=6, color="darkorange")),
+                  # the evaluations before and after training, marked and named in the legend
+                  go.Scatter(mode="markers", name="before training", yaxis="y2",
+                             marker=dict(size=12, color="darkorange", symbol="circle-open",
+                                         line=dict(width=2))),
+                  go.Scatter(mode="markers", name="after training", yaxis="y2",
+                             marker=dict(size=12, color="firebrick", symbol="diamond"))],
+            # legend above the plot area, clear of both axes' tick labels
+            layout=dict(height=340, margin=dict(l=60, r=70, t=70, b=40), title="training",
+                        xaxis_title="step", yaxis_title="train loss",
+                        legend=dict(orientation="h", x=1, xanchor="right", y=1.02,
+                                    yanchor="bottom"),
+                        # own ticks (not synced to the loss axis's grid): 0, 0.2, ..., 1
+                        yaxis2=dict(title="eval", overlaying="y", side="right", visible=False,
+                                    showgrid=False, tickmode="auto")))
 
         setters = {self.lr: st.set_lr, self.mode: st.set_mode, self.steps: st.set_steps,
                    self.epochs: st.set_epochs, self.batch_size: st.set_batch_size,
-                   self.device: st.set_device}
+                   self.device: st.set_device, self.eval_every: st.set_eval_every}
         for w, setter in setters.items():
             w.observe(lambda ch, setter=setter: self._on_control(setter, ch["new"]), names="value")
         self.launch_button.on_click(lambda _b: self._act(st.launch))
         self.stop_button.on_click(lambda _b: self._act(st.stop))
         self.save_button.on_click(lambda _b: self._save())
         st.subscribe(self._on_event)
-        self.widget = W.VBox([
+        self.widget = explorer_box([
             W.HBox([W.VBox([self.lr, self.mode, W.HBox([self.steps, self.epochs]),
-                            self.batch_size, self.device]),
+                            W.HBox([self.batch_size, self.eval_every]), self.device]),
                     W.VBox([W.HBox([self.launch_button, self.stop_button]), self.reason,
                             self.progress, self.status])]),
-            self.curves, self.summary, W.HBox([self.path, self.save_button])])
+            figure_box(self.curves), self.summary, W.HBox([self.path, self.save_button])]
+        ).add_class("rowsft-launcher")
         self.update_view()
 
     def _on_control(self, setter, value) -> None:
@@ -439,7 +542,13 @@ class TrainingLauncher:
         self.update_view(curves=event in ("log", "evaluate", "end"))
 
     def update_view(self, curves: bool = True) -> None:
-        """Push the state into the buttons, progress bar, text and curves."""
+        """Push the state into the buttons, progress bar, text and curves. Called from the
+        kernel's thread (buttons) and the training thread (logs): one at a time, or two
+        interleaved plotly batch updates lose edits (unlabelled traces, axis ranges)."""
+        with self._view_lock:
+            self._update_view(curves)
+
+    def _update_view(self, curves: bool) -> None:
         st = self.state
         problem = st.launch_problem()
         running = st.running
@@ -448,6 +557,7 @@ class TrainingLauncher:
         self.stop_button.disabled = not running or st.status == STOPPING
         for w in (self.lr, self.mode, self.steps, self.epochs, self.batch_size, self.device):
             w.disabled = running
+        self.eval_every.disabled = running or st.eval_dataset is None
         self.steps.layout.display = "" if st.mode == "steps" else "none"
         self.epochs.layout.display = "" if st.mode == "epochs" else "none"
         # The reason Launch is disabled stays visible; it goes away once the problem does.
@@ -464,22 +574,35 @@ class TrainingLauncher:
         self.save_button.disabled = st.save_problem() is not None
         self.summary.value = st.summary_text()
         if curves:
-            with st._lock:
-                loss = list(st.loss_points)
-                evals = list(st.eval_points)
-            key = None
-            if evals:
-                key = "accuracy" if "accuracy" in evals[-1][1] else "loss"
-            with self.curves.batch_update():
-                self.curves.data[0].x = [s for s, _ in loss]
-                self.curves.data[0].y = [v for _, v in loss]
-                self.curves.data[1].x = [s for s, m in evals if key in m]
-                self.curves.data[1].y = [m[key] for s, m in evals if key in m]
-                self.curves.data[1].name = f"eval {key}" if key else "eval"
-                self.curves.layout.yaxis2.visible = bool(evals)
-                self.curves.layout.yaxis2.title = f"eval {key}" if key else "eval"
+            self._draw_curves()
+
+    def _draw_curves(self) -> None:
+        c = self.state.chart()
+        name = f"eval {c.eval_key}" if c.eval_key else "eval"
+        with self.curves.batch_update():
+            self.curves.data[0].name = "train loss"
+            self.curves.data[0].x = c.loss_steps
+            self.curves.data[0].y = c.loss
+            ev = self.curves.data[1]
+            ev.x, ev.y, ev.name = c.eval_steps, c.eval_values, name
+            ev.hovertemplate = f"{name} at step %{{x}}: %{{y:.4g}}<extra></extra>"
+            for trace, phase in zip(self.curves.data[2:], ("before", "after")):
+                points = [(s, v) for s, v, p in zip(c.eval_steps, c.eval_values, c.eval_phases)
+                          if p == phase]
+                trace.x = [s for s, _ in points]
+                trace.y = [v for _, v in points]
+                trace.showlegend = bool(points)
+                trace.hovertemplate = (f"{name} {phase} training (step %{{x}}): "
+                                       "%{y:.4g}<extra></extra>")
+            ax = self.curves.layout.yaxis2
+            ax.visible = c.eval_key is not None
+            ax.title = name
+            if c.eval_range is not None:
+                ax.range, ax.autorange = list(c.eval_range), False
+            else:
+                ax.range, ax.autorange = None, True
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        from .static import display_explorer
 
-        display(self.widget)
+        display_explorer(self.widget)  # live widget + static PNG for readers who do not run it
