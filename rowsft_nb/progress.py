@@ -48,6 +48,14 @@ class LabelledProgressCallback(ProgressCallback):
         if state.is_world_process_zero and self.training_bar is not None and logs:
             self.training_bar.write(format_logs(state.global_step, logs))
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
+                self.prediction_bar = tqdm(total=len(eval_dataloader), dynamic_ncols=True,
+                                           leave=self.training_bar is None,
+                                           desc=self.eval_label(state.global_step))
+            self.prediction_bar.update(1)
+
 
 def format_logs(step: int, logs: dict) -> str:
     """``step 10: loss 0.6819, grad_norm 0.5312, learning_rate 0.0001``; the end-of-training
@@ -67,11 +75,3 @@ def format_logs(step: int, logs: dict) -> str:
         rest = ", ".join(f"{k} {fmt(v)}" for k, v in logs.items())
         return f"{head}, {rest}" if rest else head
     return f"step {step}: " + ", ".join(f"{k} {fmt(v)}" for k, v in logs.items())
-
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if state.is_world_process_zero and has_length(eval_dataloader):
-            if self.prediction_bar is None:
-                self.prediction_bar = tqdm(total=len(eval_dataloader), dynamic_ncols=True,
-                                           leave=self.training_bar is None,
-                                           desc=self.eval_label(state.global_step))
-            self.prediction_bar.update(1)
