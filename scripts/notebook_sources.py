@@ -169,9 +169,11 @@ def sync_notebook(path: Path, cells: list[Cell]) -> tuple[bool, int]:
         if op == "equal":
             new += old[i1:i2]
             continue
-        for k, (kind, src) in enumerate(cells[j1:j2]):
-            prev = old[i1 + k] if i1 + k < i2 else None
-            if prev is not None and prev.cell_type == kind:  # edited in place: same id and metadata
+        spare = list(old[i1:i2])  # replaced cells, in order: an edited cell keeps its id
+        for kind, src in cells[j1:j2]:
+            prev = next((c for c in spare if c.cell_type == kind), None)
+            if prev is not None:  # edited in place: same id and metadata
+                spare = spare[spare.index(prev) + 1:]
                 cell = prev
                 cell.source = src
                 if kind == "code":

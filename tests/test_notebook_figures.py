@@ -66,14 +66,27 @@ def cell_html(html: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
+def _with_figures(paths):
+    return [p for p in paths if figure_cells(nbformat.read(p, as_version=4))]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT / "notebooks")))
+def test_committed_notebooks_stay_under_1_mb(path):
+    assert path.stat().st_size < 1_000_000, f"{path.name} is over 1 MB"
+
+
+def test_most_notebooks_have_figures():
+    """The figure check below covers the notebooks that draw (06 only prints tables)."""
+    assert len(_with_figures(NOTEBOOKS)) >= len(NOTEBOOKS) - 1
+
+
+@pytest.mark.parametrize("path", _with_figures(NOTEBOOKS),
+                         ids=lambda p: str(p.relative_to(ROOT / "notebooks")))
 def test_nbconvert_html_shows_every_figure(path):
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(path, as_version=4)
     cells = figure_cells(nb)
-    if not cells:
-        pytest.skip("no figure cell in this notebook")
     html, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     by_id = cell_html(html)
     missing = [c.id for c in cells
@@ -81,7 +94,6 @@ def test_nbconvert_html_shows_every_figure(path):
     assert not missing, (
         f"{path.name}: figure cells {missing} show no image in nbconvert HTML; re-execute with "
         f"scripts/run_notebooks.py (kaleido + Chromium installed: make install browser)")
-    assert path.stat().st_size < 1_000_000, f"{path.name} is over 1 MB"
 
 
 def test_figure_cells_are_found():
