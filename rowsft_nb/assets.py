@@ -168,14 +168,21 @@ def causal_lm_path(rebuild: bool = False) -> Path:
     return folder
 
 
-def load_causal_lm(dtype: torch.dtype = torch.float32):
+def load_causal_lm(dtype: torch.dtype = torch.float32, quantize: str | None = None):
     """SmolLM2-135M-Instruct (LLaMA, 30 layers, GQA) from the embedded GGUF, via a cached
-    safetensors checkpoint so later loads take seconds.
+    safetensors checkpoint so later loads take seconds. ``quantize="nf4"`` (or ``"fp4"``,
+    ``"int8"``): its Linear layers but ``lm_head`` become bitsandbytes layers
+    (``rowsft_nb.quantize`` defaults: blocksize 64, double quantization, bf16 compute).
 
-    >>> model, tokenizer = load_causal_lm()
+    >>> model, tokenizer = load_causal_lm(quantize="nf4")
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantize is not None:
+        from .quant import METHODS, require_bitsandbytes
+        if quantize not in METHODS:
+            raise ValueError(f"quantize must be None or one of {METHODS}, got {quantize!r}")
+        require_bitsandbytes()
     folder = causal_lm_path()
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -184,6 +191,9 @@ def load_causal_lm(dtype: torch.dtype = torch.float32):
         folder = causal_lm_path(rebuild=True)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    if quantize is not None:
+        from .quant import quantize as _quantize
+        _quantize(model, quantize)
     return model, tok
 
 
