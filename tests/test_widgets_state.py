@@ -747,3 +747,42 @@ def _walk(widget):
     yield widget
     for child in getattr(widget, "children", ()):
         yield from _walk(child)
+
+
+def test_budget_explorer_offers_rows_per_head_and_whole_neurons():
+    """The paper's per-head allocation and whole-neuron mode are budget-explorer settings: the
+    plan equals select() called directly, the readout counts the coupled columns, and the two
+    head options exclude each other with a notice."""
+    from rowsft_nb.scoring import score
+
+    model = testing.tiny_llama()
+    report = score(model, testing.random_batches(model, n=1), metric="taylor", groups="auto",
+                   progress=False)
+    st = BudgetState(report, percent=10)
+    st.set_per_head(True)
+    direct = select(report, Ratio(0.10), per_head=True)
+    assert st.plan.to_dict()["rows"] == direct.to_dict()["rows"]
+    st.set_head_aligned(True)
+    assert st.settings.per_head is False and "rows per head" in st.notice
+    st.set_per_head(True)
+    assert st.settings.head_aligned is False and "whole heads" in st.notice
+    st.set_per_head(False)
+    st.set_couple(True)
+    coupled = select(report, Ratio(0.10), couple="neurons")
+    assert st.plan.to_dict()["rows"] == coupled.to_dict()["rows"]
+    assert st.plan.to_dict()["columns"] == coupled.to_dict()["columns"] and coupled.columns
+    assert st.readout.trainable == coupled.trainable_parameters()
+    assert coupled.trainable_parameters() > select(report, Ratio(0.10)).trainable_parameters() \
+        or coupled.num_rows() != select(report, Ratio(0.10)).num_rows()
+    # the view's checkboxes drive the same setters
+    ex = BudgetExplorer(report, percent=10)
+    ex.couple.value = True
+    assert ex.state.settings.couple == "neurons" and ex.couple.value is True
+    ex.per_head.value = True
+    assert ex.state.settings.per_head is True
+    ex.head_aligned.value = True
+    assert ex.per_head.value is False and ex.state.settings.head_aligned is True
+    no_heads = BudgetState(small_report(groups=False), percent=10)
+    with pytest.raises(ValueError, match="no attention heads"):
+        no_heads.set_per_head(True)
+    assert no_heads.settings.per_head is False

@@ -56,6 +56,8 @@ class BudgetSettings:
     min_rows: int = 0
     max_rows: int | None = None
     head_aligned: bool = False
+    per_head: bool = False            # an equal number of rows in every head (the authors')
+    couple: str | None = None         # "neurons": MLP rows + the matching down-proj columns
     batch_size: int = 8
     seq_len: int = 512
 
@@ -238,7 +240,30 @@ class BudgetState:
         if on and not self.report.head_dims:
             raise ValueError("This report has no attention heads (report.head_dims is empty), so "
                              "rows cannot be head-aligned; leave 'whole heads' off")
-        self._apply(head_aligned=bool(on))
+        was_per_head = bool(on) and self.settings.per_head
+        self._apply(head_aligned=bool(on), per_head=False if on else self.settings.per_head)
+        if was_per_head:
+            self.notice = "'rows per head' turned off: 'whole heads' selects heads entire"
+
+    def set_per_head(self, on: bool) -> None:
+        """An equal number of rows in every attention head (the authors' per-head allocation).
+        Turning it on turns 'whole heads' off (the two are alternatives) and says so."""
+        if on and not self.report.head_dims:
+            raise ValueError("This report has no attention heads (report.head_dims is empty), so "
+                             "rows cannot be spread over heads; leave 'rows per head' off")
+        was_aligned = bool(on) and self.settings.head_aligned
+        self._apply(per_head=bool(on), head_aligned=False if on else self.settings.head_aligned)
+        if was_aligned:
+            self.notice = "'whole heads' turned off: 'rows per head' gives every head the same rows"
+
+    def set_couple(self, on: bool) -> None:
+        """Whole-neuron mode (``select(couple="neurons")``): each selected MLP neuron trains its
+        gate/up rows and the matching input column of the down projection (value rows with the
+        output projection's columns); the budget counts both."""
+        self._apply(couple="neurons" if on else None)
+        if on:
+            self.notice = ("whole neurons: selected MLP rows also train the matching "
+                           "down-projection columns (counted in the budget)")
 
     def set_memory_shape(self, batch_size: int, seq_len: int) -> None:
         """Batch size and sequence length the memory estimate assumes."""
@@ -281,7 +306,8 @@ class BudgetState:
 
         try:
             plan = select(self.report, self.budget(s), min_rows=s.min_rows,
-                          max_rows=s.max_rows, head_aligned=s.head_aligned)
+                          max_rows=s.max_rows, head_aligned=s.head_aligned,
+                          per_head=s.per_head, couple=s.couple)
         except (ValueError, TypeError) as err:
             raise ValueError(f"This budget cannot be selected: {err}") from err
         if plan.is_empty():
@@ -369,6 +395,11 @@ class BudgetExplorer:
                                          layout=W.Layout(width="220px"))
         self.max_rows = W.BoundedIntText(value=0, min=0, max=10**9, description="max rows (0=∞)",
                                          style=wide, layout=W.Layout(width="220px"))
+        self.per_head = W.Checkbox(value=False, description="rows per head", indent=False,
+                                   tooltip="an equal number of rows in every attention head",
+                                   disabled=not report.head_dims)
+        self.couple = W.Checkbox(value=False, description="whole neurons", indent=False,
+                                 tooltip="MLP rows + the matching down-projection columns")
         self.head_aligned = W.Checkbox(value=False, description="whole heads", indent=False,
                                        disabled=not report.head_dims)
         self.batch_size = W.BoundedIntText(value=s.batch_size, min=1, max=10**6,
@@ -404,7 +435,8 @@ class BudgetExplorer:
         st_set = {self.percent: st.set_percent, self.unit: st.set_unit,
                   self.strategy: st.set_strategy, self.normalizer: st.set_normalizer,
                   self.min_rows: st.set_min_rows, self.max_rows: st.set_max_rows,
-                  self.head_aligned: st.set_head_aligned,
+                  self.head_aligned: st.set_head_aligned, self.per_head: st.set_per_head,
+                  self.couple: st.set_couple,
                   self.batch_size: lambda v: st.set_memory_shape(v, st.settings.seq_len),
                   self.seq_len: lambda v: st.set_memory_shape(st.settings.batch_size, v)}
         for w, setter in st_set.items():
@@ -415,7 +447,8 @@ class BudgetExplorer:
         types_box = W.VBox([W.HTML("<b>per module type</b> (strategy per-type)"),
                             *self.type_sliders.values()])
         left = W.VBox([self.percent, self.unit, self.strategy, self.normalizer,
-                       W.HBox([self.min_rows, self.max_rows]), self.head_aligned,
+                       W.HBox([self.min_rows, self.max_rows]),
+                       W.HBox([self.head_aligned, self.per_head, self.couple]),
                        W.HBox([self.batch_size, self.seq_len])])
         self.widget = explorer_box([W.HBox([left, types_box]), self.trainable, self.readout,
                                     self.message,
@@ -457,6 +490,7 @@ class BudgetExplorer:
                       self.strategy: s.strategy,
                       self.normalizer: s.normalizer, self.min_rows: s.min_rows,
                       self.max_rows: s.max_rows or 0, self.head_aligned: s.head_aligned,
+                      self.per_head: s.per_head, self.couple: s.couple == "neurons",
                       self.batch_size: s.batch_size, self.seq_len: s.seq_len}
             values.update({w: self.state.type_percent(t) for t, w in self.type_sliders.items()})
             for w, v in values.items():
