@@ -41,7 +41,7 @@ def color_range(z: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[fl
 
 def heatmap_figure(reports: ImportanceReport | Mapping[str, ImportanceReport], *,
                    normalization: str = "mean", log: bool = True, order: str = "index",
-                   max_columns: int = 420, title: str | None = None,
+                   max_columns: int = 240, title: str | None = None,
                    row_height: int = 26):
     """A static heatmap of one report, or of several stacked (one colour scale per metric).
 
@@ -75,8 +75,11 @@ def heatmap_figure(reports: ImportanceReport | Mapping[str, ImportanceReport], *
         # this subplot's vertical extent, for its own colour bar
         top = 1 - (i - 1) * (1 + gap) / n if n > 1 else 1.0
         span = (1 - gap * (n - 1)) / n
+        # no per-cell hover text: it would store a string per cell in the notebook (MBs);
+        # the interactive explorer has the full hover
         fig.add_trace(go.Heatmap(
-            z=hm.z, y=hm.row_labels, customdata=hm.customdata, hovertemplate=hm.hovertemplate,
+            z=hm.z.astype(np.float32), y=hm.row_labels,
+            hovertemplate=f"%{{y}}, column %{{x}}<br>{hm.value_label} %{{z:.3g}}<extra></extra>",
             coloraxis=f"coloraxis{i if i > 1 else ''}"), row=i, col=1)
         fig.update_layout({f"coloraxis{i if i > 1 else ''}": dict(
             colorscale="Viridis", cmin=zmin, cmax=zmax,
