@@ -2,8 +2,8 @@
 
 Usage:  python scripts/run_notebooks.py [notebooks/01_quickstart.ipynb ...]
 ROWSFT_FAST=1 selects the fast mode that CI validates with nbval (the default here when
-unset; `make notebooks` runs full mode). The committed outputs of 01, 02, 03, 05 and 06 come
-from full mode, 04 and the workshop solutions from fast mode. The cells come from
+unset; `make notebooks` runs full mode). The committed outputs of 01, 02, 03 and 06 come from
+full mode, 04, 05 and the workshop solutions from fast mode. The cells come from
 notebooks/src/: after editing a source, `make notebook-sources` first (notebooks/README.md).
 
 Figures carry a static PNG next to their plotly JSON (rowsft_nb/widgets/static.py, needs

@@ -30,12 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 import plotly.graph_objects as go
-import plotly.io as pio
 import datasets, transformers
 import rowsft_nb as rs
 
-# Static figures are stored as plotly JSON only (small; JupyterLab renders it).
-pio.renderers.default = "plotly_mimetype"
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 datasets.disable_progress_bars()
 transformers.logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -64,9 +65,10 @@ load_task("movie_sentiment")["train"].select(range(3)).to_pandas()
 # ## 2. Score every neuron
 #
 # Importance is measured on a few **calibration batches** of the task. The first-order Taylor
-# score of row $i$ is $\big|\sum_j w_{ij}\, \partial L/\partial w_{ij}\big|$: how much the loss
-# would change, to first order, if that neuron were removed. Gradients are summed over the
-# batches; no weight changes.
+# score of row $i$ (the paper's, Li & Bhaskara 2025) is
+# $\sum_j \big|w_{ij}\, \partial L/\partial w_{ij}\big|$: how much the loss would change, to first
+# order, if each of the row's weights were removed, summed over the row. Gradients are summed
+# over the batches; no weight changes.
 
 # %%
 N_CALIB = 32 if FAST else 128
@@ -79,28 +81,15 @@ report.summary().head(7)
 # %% [markdown]
 # ## 3. Look at the heatmap
 #
-# Each row of the heatmap is a transformer layer, each block of columns a module type, each cell
-# the mean score of a bin of neurons (scores divided by the module's mean, log scale). Bright
-# specks are the few neurons that carry most of the importance — the ones we will train.
+# Each row of the heatmap is a transformer layer, each block of columns (between the white lines)
+# a module type, each cell the mean score of a small bin of neurons (scores divided by the
+# module's mean, log scale; the colour range spans the 1st to 99.5th percentile). Bright specks
+# are the few neurons that carry most of the importance — the ones we will train.
 
 # %%
-from rowsft_nb.widgets import ImportanceState
+from rowsft_nb.widgets.figures import heatmap_figure
 
-def heatmap_trace(report, normalization="mean", order="index", log=True):
-    """A static plotly heatmap of a report: one row per layer, binned neurons per module type."""
-    state = ImportanceState(report, max_columns=210)
-    state.set_normalization(normalization); state.set_order(order); state.set_log_scale(log)
-    hm = state.heatmap()
-    trace = go.Heatmap(z=hm.z, y=hm.row_labels, colorscale="Viridis",
-                       colorbar=dict(title=dict(text=hm.colorbar_title, side="right")))
-    ticks = ([(a + b - 1) / 2 for _, a, b in hm.type_spans],
-             [t.replace("attention.", "attn.") for t, _, _ in hm.type_spans])
-    return trace, ticks
-
-trace, (tickvals, ticktext) = heatmap_trace(report)
-fig = go.Figure(trace)
-fig.update_layout(height=330, margin=dict(l=60, r=10, t=40, b=40), title="Taylor importance of MiniLM's neurons",
-                  xaxis=dict(tickvals=tickvals, ticktext=ticktext), yaxis=dict(autorange="reversed"))
+fig = heatmap_figure(report, title="Taylor importance of MiniLM's neurons")
 fig.show()
 
 # %% [markdown]
@@ -119,13 +108,14 @@ print(plan)
 print("rows of layer 0's query projection:", plan.rows["bert.encoder.layer.0.attention.self.query"].tolist())
 
 # %% [markdown]
-# The interactive explorer below shows the same heatmap; click a cell to see that module's
-# per-neuron profile with the selected rows marked, and switch the normalization (it needs a
-# running kernel — on GitHub you only see the static figure above).
+# The interactive explorer below opens on the same heatmap (scores divided by each module's
+# mean, log scale); click a cell to see that module's per-neuron profile with the selected rows
+# marked, and switch the normalization (it needs a running kernel — on GitHub you only see the
+# static figure above).
 
 # %%
 from rowsft_nb.widgets import ImportanceExplorer
-ImportanceExplorer(report, plan=plan)
+ImportanceExplorer(report, plan=plan, normalization="mean", log_scale=True)
 
 # %% [markdown]
 # ## 5. Inject the adapter
@@ -181,6 +171,27 @@ for f in sorted(adapter_dir.iterdir()):
     print(f"{f.name:28s} {f.stat().st_size / 2**20:6.2f} MiB")
 
 # %% [markdown]
+# ## 8. Train interactively
+#
+# `TrainingLauncher` runs the same `rs.train` in a background thread with live curves: press
+# **Launch**, watch the training loss and the validation accuracy (before training, every 10
+# steps, after), press **Stop** whenever you like, then **Save adapter**. It trains a fresh copy
+# of MiniLM (same seeded head) on the plan of section 4, so it starts where section 6 started.
+# The defaults — 30 steps of 16 examples, 64 validation examples — took 43 s here on 2 CPU
+# cores shared with other jobs. Change the learning rate or the steps and launch again (it
+# needs a running kernel).
+
+# %%
+from rowsft_nb.widgets import TrainingLauncher
+
+fresh, _ = load_encoder(num_labels=2, seed=0)       # the untrained model of section 1
+launcher = TrainingLauncher(fresh, plan, data.train, tokenizer=tok,
+                            eval_dataset=data.validation.select(range(64)),
+                            lr=5e-3, steps=30, batch_size=16, eval_every=10,
+                            adapter_dir=str(OUT / "launcher_adapter"))
+launcher
+
+# %% [markdown]
 # ## What to try next
 #
 # - **Another metric**: replace `metric="taylor"` with `"wanda"`, `"fisher"` or `"l2"` — notebook
@@ -191,6 +202,6 @@ for f in sorted(adapter_dir.iterdir()):
 #   full epoch, or raise `lr` / `epochs`.
 # - **Another task**: `rowsft_nb.assets.list_tasks()` lists `sms_spam` and `trec` (6 classes; use
 #   `load_encoder(num_labels=6)`).
-# - **Interactive training**: `rowsft_nb.widgets.TrainingLauncher(model, plan, data.train,
-#   eval_dataset=data.validation, tokenizer=tok)` starts and stops a run with live curves.
+# - **Pick the budget with sliders**: give the launcher a `BudgetExplorer` instead of a plan
+#   ([03_budgets](03_budgets.ipynb)); every Launch trains the plan its sliders show.
 # - **Deploy**: [06_deploy](06_deploy.ipynb) reloads this adapter and merges it into the weights.

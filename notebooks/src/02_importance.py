@@ -8,8 +8,9 @@
 #
 # | metric | score of row $i$ | needs |
 # |---|---|---|
-# | `l2` (magnitude) | $\lVert w_i \rVert_2$ | weights only |
-# | `taylor` | $\big\lvert\sum_j w_{ij}\, g_{ij}\big\rvert$, $g = \sum_b \partial L_b/\partial W$: first-order loss change when row $i$ is zeroed | gradients |
+# | `l2` (magnitude) | $\sum_j w_{ij}^2$ (the authors' squared norm) | weights only |
+# | `taylor` (the paper's) | $\sum_j \big\lvert w_{ij}\, g_{ij}\big\rvert$, $g = \sum_b \partial L_b/\partial W$: each weight's first-order loss change if it were zeroed, summed over the row | gradients |
+# | `taylor_multivariable` | $\big\lvert\sum_j w_{ij}\, g_{ij}\big\rvert$: the first-order loss change when the whole row is zeroed at once (signed terms can cancel) | gradients |
 # | `fisher` | $\sum_b \big(\sum_j w_{ij}\, g^b_{ij}\big)^2$: the same, squared per batch (a Fisher / second-order proxy) | gradients |
 # | `wanda` | $\sum_j \lvert w_{ij}\rvert\, \lVert X_j \rVert_2$: weight times input-activation size | activations |
 # | `random` | uniform | nothing (the baseline) |
@@ -31,12 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 import plotly.graph_objects as go
-import plotly.io as pio
 import datasets, transformers
 import rowsft_nb as rs
 
-# Static figures are stored as plotly JSON only (small; JupyterLab renders it).
-pio.renderers.default = "plotly_mimetype"
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 datasets.disable_progress_bars()
 transformers.logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -70,38 +72,23 @@ pd.DataFrame.from_dict({m: {"modules": len(r.modules), "rows": r.total_rows(), "
 # %% [markdown]
 # The Gini coefficient says how concentrated a module's importance is (0 = every neuron equal,
 # → 1 = a few neurons hold it all). Gradient-based scores are far more concentrated than weight
-# magnitude: a handful of neurons dominate.
+# magnitude: a handful of neurons dominate. `random` is the yardstick, not an exception: scores
+# drawn uniformly from [0, 1) have a Gini of 1/3 by construction, so a metric below 1/3 (like
+# `l2`, whose rows all have similar norms) spreads importance *more* evenly than chance, and one
+# far above it singles out few neurons.
 #
 # ## 2. Heatmaps
 #
-# Scores divided by each module's mean, log scale, one row per layer (`other` = the pooler).
+# Scores divided by each module's mean, log scale, one row per layer (`other` = the pooler),
+# module blocks separated by white lines. **Each metric has its own colour scale** (1st to 99.5th
+# percentile of its cells): the metrics live on very different ranges, and one shared scale
+# would paint the flatter ones (`l2`, `wanda`, `random`) a uniform colour. Compare the *patterns*,
+# not the colours across panels.
 
 # %%
-from rowsft_nb.widgets import ImportanceState
+from rowsft_nb.widgets.figures import heatmap_figure
 
-def heatmap_trace(report, normalization="mean", order="index", log=True):
-    """A static plotly heatmap of a report: one row per layer, binned neurons per module type."""
-    state = ImportanceState(report, max_columns=210)
-    state.set_normalization(normalization); state.set_order(order); state.set_log_scale(log)
-    hm = state.heatmap()
-    trace = go.Heatmap(z=hm.z, y=hm.row_labels, colorscale="Viridis",
-                       colorbar=dict(title=dict(text=hm.colorbar_title, side="right")))
-    ticks = ([(a + b - 1) / 2 for _, a, b in hm.type_spans],
-             [t.replace("attention.", "attn.") for t, _, _ in hm.type_spans])
-    return trace, ticks
-
-from plotly.subplots import make_subplots
-
-fig = make_subplots(rows=len(METRICS), cols=1, subplot_titles=METRICS, vertical_spacing=0.05)
-for i, m in enumerate(METRICS, start=1):
-    trace, (tickvals, ticktext) = heatmap_trace(reports[m])
-    trace.update(coloraxis="coloraxis")
-    fig.add_trace(trace, row=i, col=1)
-    fig.update_xaxes(tickvals=tickvals, ticktext=ticktext if i == len(METRICS) else [""] * len(tickvals), row=i, col=1)
-    fig.update_yaxes(autorange="reversed", row=i, col=1)
-fig.update_layout(height=170 * len(METRICS), margin=dict(l=60, r=10, t=40, b=40),
-                  coloraxis=dict(colorscale="Viridis", cmin=-2, cmax=1.5,
-                                 colorbar=dict(title=dict(text="log10 score / mean", side="right"))))
+fig = heatmap_figure(reports)
 fig.show()
 
 # %% [markdown]
@@ -254,9 +241,10 @@ ImportanceExplorer(reports, plan=plans["taylor"])
 #
 # - Score with more calibration examples (`N_CALIB`) and watch the Taylor/Fisher overlap rise:
 #   with few batches the gradient estimates are noisy.
-# - `metric="class_taylor"` ranks neurons per class and averages their quantiles, so neurons that
-#   matter to a rare class survive; `"hessian"` (OBD) and `"zo_taylor"` (forward passes only) are
-#   also in `rs.METRICS`.
+# - `metric="class_taylor"` scores neurons per class and keeps, by default, each neuron's largest
+#   class score (`rs.scoring.ClassTaylor(aggregate="quantiles")` averages quantiles instead), so
+#   neurons that matter to one class survive; `"hessian"` (OBD, per-example squared gradients),
+#   `"taylor2_class"` and `"zo_taylor"` (forward passes only) are also in `rs.METRICS`.
 # - `groups="auto"` in `rs.score` makes coupled rows (heads, q/k/v) share one score — try it with
 #   `select(..., head_aligned=True)` in [03_budgets](03_budgets.ipynb).
 # - Select with a global budget (`rs.ParamBudget(0.05)`) instead of 5% per module: the metrics then

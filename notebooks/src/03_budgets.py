@@ -29,12 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 import plotly.graph_objects as go
-import plotly.io as pio
 import datasets, transformers
 import rowsft_nb as rs
 
-# Static figures are stored as plotly JSON only (small; JupyterLab renders it).
-pio.renderers.default = "plotly_mimetype"
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 datasets.disable_progress_bars()
 transformers.logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -85,12 +86,18 @@ def covered(plan, report):
 
 table = pd.DataFrame({k: {"modules": len(p.modules), "rows": p.num_rows(),
                           "trainable": p.trainable_parameters(),
+                          "% of targets": 100 * p.trainable_parameters() / target_params,
                           "% of model": 100 * p.trainable_parameters() / report.meta["model_parameters"],
                           "LoRA rank equiv.": p.equivalent_lora_rank(),
                           "importance covered %": 100 * covered(p, report)} for k, p in plans.items()}).T
 table.astype({"modules": int, "rows": int, "trainable": int}).round(2)
 
 # %% [markdown]
+# A fraction in `ParamBudget(0.025)` is a share of the **target modules'** parameters (the
+# `% of targets` column, 2.5 % at most); the embeddings and other non-target weights are part of
+# the model but never of the budget, so the same plan is a smaller share of the whole model
+# (`% of model`).
+#
 # The per-module budgets (`FixedRows`, `Ratio`, `TypeRatios`) cost the same whatever the scores
 # are; `ParamBudget` spends at most its budget wherever the scores say. Both facts are checked here:
 
@@ -106,7 +113,7 @@ print("multiple_of=8 rows are multiples of 8:",
       all(v.numel() % 8 == 0 for v in plans["Ratio(5%), multiple_of=8"].rows.values()))
 print("head-aligned rows come in whole heads of 32:", all(
     v.numel() % 32 == 0 and bool((v.view(-1, 32)[:, 0] % 32 == 0).all())
-    for n, v in plans["ParamBudget(2.5%, topk), heads"].rows.items() if n in report.groups and v.numel()))
+    for n, v in plans["ParamBudget(2.5%, topk), heads"].rows.items() if n in report.head_dims and v.numel()))
 
 # %% [markdown]
 # ## 2. Where does each budget put its rows?

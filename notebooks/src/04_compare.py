@@ -31,11 +31,13 @@ import json
 from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
 from rowsft_nb import bench
 
-pio.renderers.default = "plotly_mimetype"   # static figures, stored as plotly JSON
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 RESULTS = Path("..") / "benchmarks" / "results"
 MiB = 2 ** 20
 
@@ -54,9 +56,12 @@ def load(name):
     return json.loads(path.read_text()) if path.exists() else {}
 
 if RECOMPUTE:
+    import sys
+    sys.path.insert(0, str(Path("..") / "benchmarks"))   # the runner lives in the repository
+    import bench_all
     torch.set_num_threads(1)
     parts = ["memory"] if FAST else ["memory", "accuracy"]
-    res = bench.run(quick=True, parts=parts, command="notebook 04 RECOMPUTE")
+    res = bench_all.run(quick=True, parts=parts, command="notebook 04 RECOMPUTE")
     acc_res = res
 else:
     res, acc_res = load("bench.json"), load("bench_accuracy.json")
@@ -211,7 +216,7 @@ if lm:
 # ## Goals of issue 8, measured
 
 # %%
-goals = res.get("goals", []) + (bench.goals({"accuracy": acc}) if acc else [])
+goals = res.get("goals", []) + ([] if acc_res is res else acc_res.get("goals", []))
 pd.DataFrame(goals)
 
 # %% [markdown]

@@ -22,12 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 import plotly.graph_objects as go
-import plotly.io as pio
 import datasets, transformers
 import rowsft_nb as rs
 
-# Static figures are stored as plotly JSON only (small; JupyterLab renders it).
-pio.renderers.default = "plotly_mimetype"
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 datasets.disable_progress_bars()
 transformers.logging.disable_progress_bar()
 torch.manual_seed(0)

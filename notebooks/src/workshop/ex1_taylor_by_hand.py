@@ -4,12 +4,17 @@
 # `rowsft_nb.score(..., metric="taylor")` ranks each output neuron (row $i$ of a weight
 # $W \in \mathbb{R}^{d_{out} \times d_{in}}$) by
 #
-# $$s_i = \Big|\sum_j w_{ij}\, G_{ij}\Big|, \qquad G = \sum_{b} \frac{\partial L_b}{\partial W},$$
+# $$s_i = \sum_j \big|w_{ij}\, G_{ij}\big|, \qquad G = \sum_{b} \frac{\partial L_b}{\partial W},$$
 #
-# the gradient of each calibration batch's loss $L_b$, summed over the batches. In this exercise
-# you compute $s_i$ yourself for one layer of MiniLM, check it against the library, and then test
-# what the score claims to measure: to first order, setting row $i$ to zero changes the total
-# loss by $-\sum_j w_{ij} G_{ij}$.
+# the gradient of each calibration batch's loss $L_b$, summed over the batches. This is the
+# paper's Taylor importance (the authors' default): each weight's first-order importance
+# $|w_{ij} G_{ij}|$, summed over the row. The *multivariable* variant
+# (`metric="taylor_multivariable"`) takes the absolute value after the sum,
+# $\big|\sum_j w_{ij} G_{ij}\big|$: the predicted loss change of removing the whole row at once,
+# in which weights of opposite sign can cancel. In this exercise you compute $s_i$ yourself for
+# one layer of MiniLM, check it against the library, and then test what the first-order
+# expansion claims: setting row $i$ to zero changes the total loss by about
+# $-\sum_j w_{ij} G_{ij}$.
 #
 # Fill in the cells marked `# TODO` (they raise `NotImplementedError` until you do). About
 # 25 minutes.
@@ -24,11 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 import plotly.graph_objects as go
-import plotly.io as pio
 import datasets, transformers
 import rowsft_nb as rs
 
-pio.renderers.default = "plotly_mimetype"           # static figures stored as small plotly JSON
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 datasets.disable_progress_bars()
 transformers.logging.disable_progress_bar()
 transformers.logging.set_verbosity_error()
@@ -87,8 +94,8 @@ print("G:", list(G.shape), f"norm {G.norm():.4f}")
 
 # %%
 W = layer.weight.detach()
-### BEGIN SOLUTION: elementwise W * G, sum over the input dimension (dim=1), absolute value
-by_hand = (W * G).sum(dim=1).abs()
+### BEGIN SOLUTION: elementwise W * G, absolute value, then sum over the input dimension (dim=1)
+by_hand = (W * G).abs().sum(dim=1)
 ### END SOLUTION
 
 # %%
@@ -159,9 +166,11 @@ print(f"mean |actual change|: top rows {rows[rows.kind == 'top'].actual.abs().me
 #
 # - Do the high-scoring rows change the loss more than random ones? Where does the first-order
 #   prediction miss, and why (hint: GELU follows this layer; removing a row is not a small step)?
-# - The score takes $|\cdot|$ of a *signed* sum. A row whose removal would *lower* the loss also
-#   scores high. Why is that still a reasonable row to fine-tune?
-# - `metric="taylor_abs"` uses $\sum_j |w_{ij} G_{ij}|$ instead. Compute it by hand as well and
-#   compare the top-10 rows with `rs.score(model, batches, metric="taylor_abs")`.
+# - The score sums $|w_{ij} G_{ij}|$, so a row whose removal would *lower* the loss also scores
+#   high. Why is that still a reasonable row to fine-tune?
+# - `metric="taylor_multivariable"` uses $\big|\sum_j w_{ij} G_{ij}\big|$ instead (the absolute
+#   value of `predicted` above). Compute it by hand as well and compare the top-10 rows with
+#   `rs.score(model, batches, metric="taylor_multivariable")`. Which rows does it rank low that
+#   the paper's score ranks high, and why?
 # - Bonus: score with `groups="auto"` and check that `intermediate.dense` row $i$ and
 #   `output.dense` input column $i$ now carry the same score.

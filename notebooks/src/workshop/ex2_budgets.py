@@ -7,7 +7,7 @@
 # target three ways — by arithmetic with `FixedRows`, with a global `ParamBudget`, and checking
 # with `plan.equivalent_lora_rank()` — then compare what the budgets cost in memory.
 #
-# Scores come from the data-free `l2` metric (row norms): budget arithmetic does not depend on
+# Scores come from the data-free `l2` metric (row sums of squares): budget arithmetic does not depend on
 # which metric ranked the rows. About 20 minutes.
 
 # %%
@@ -20,11 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 import plotly.graph_objects as go
-import plotly.io as pio
 import datasets, transformers
 import rowsft_nb as rs
 
-pio.renderers.default = "plotly_mimetype"           # static figures stored as small plotly JSON
+# Figures store plotly JSON (interactive) and a PNG that readers of the saved notebook see
+# (nbconvert, GitHub); without kaleido + Chromium only the JSON, with one warning.
+from rowsft_nb.widgets import static
+static.enable()
 datasets.disable_progress_bars()
 transformers.logging.disable_progress_bar()
 transformers.logging.set_verbosity_error()
