@@ -53,14 +53,16 @@ class BenchConfig:
     time_rounds: int = 120          # interleaved rounds (every method once per round)
     smollm_time_rounds: int = 100
     calib_samples: int = 32
-    acc_seeds: tuple[int, ...] = (0, 1, 2)
+    acc_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     acc_steps: int = 100
     acc_batch: int = 16
     acc_max_length: int = 48
     acc_n_train: int = 1000
-    acc_n_eval: int = 200
-    acc_methods: tuple[str, ...] = ("rowsft_taylor", "rowsft_l2", "rowsft_random", "columns",
-                                    "lora", "full", "head")
+    acc_n_eval: int | None = None   # None: the whole validation split (1,007 examples)
+    # run in this order, each over every seed (bench_accuracy.ACC_METHODS lists all)
+    acc_methods: tuple[str, ...] = ("rowsft_taylor", "lora", "rowsft_random",
+                                    "rowsft_taylor_multivariable", "rowsft_class_taylor",
+                                    "rowsft_neurons", "rowsft_l2", "full")
     lm_task: str = "chat_qa"
     lm_steps: int = 10
     lm_batch: int = 4
@@ -220,6 +222,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help=f"folder for the results (default ./{DEFAULT_OUT_DIR})")
     p.add_argument("--out", default=None,
                    help="results JSON file (overrides --out-dir; the .md goes next to it)")
+    p.add_argument("--skip-smollm", action="store_true",
+                   help="leave SmolLM2 out (its memory rows and the causal-LM loss check)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds (default 120 MiniLM / 100 SmolLM2, "
                         "--quick 12)")
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError) as err:
         parser.error(str(err))
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.skip_smollm:
+        cfg.smollm = False
     if args.rounds is not None:
         cfg.time_rounds = cfg.smollm_time_rounds = int(args.rounds)
     command = " ".join(["rowsft-nb bench", *(argv if argv is not None else sys.argv[1:])])

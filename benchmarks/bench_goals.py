@@ -6,7 +6,8 @@ noisy`` when the timing was physically impossible (faster than the frozen floor)
 Issue 14 (step time and memory near the frozen floor, at equal trainable parameters):
 row step time <= 0.85x LoRA and <= 1.06x the frozen floor; row memory above the floor
 <= 0.5x LoRA's; column memory above the floor <= 0.2x LoRA's. Issue 8: row total <= 0.5x
-dense-mask total; Taylor rows within 1 point of LoRA's accuracy and above random rows.
+dense-mask total. Issue 12: paper-Taylor rows within 1 point of LoRA's accuracy and above
+random rows (means over seeds, with an exact paired sign-flip test over seeds).
 
 Usage::
 
@@ -76,13 +77,46 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
             g = time_goal(block, method, against, limit, text, key)
             if g is not None:
                 out.append(g)
-    acc = res.get("accuracy", {}).get("summary", {})
-    if "rowsft_taylor" in acc and "lora" in acc:
-        out.append(_goal("row (Taylor) accuracy within 1 point of LoRA (LoRA - row, points)",
-                         "minilm", 100 * (acc["lora"]["mean"] - acc["rowsft_taylor"]["mean"]),
-                         1.0))
-    if "rowsft_taylor" in acc and "rowsft_random" in acc:
-        out.append(_goal("importance rows above random rows (Taylor - random, points)",
-                         "minilm", 100 * (acc["rowsft_taylor"]["mean"]
-                                          - acc["rowsft_random"]["mean"]), 0.0, below=False))
+    out += accuracy_goals(res.get("accuracy", {}))
+    return out
+
+
+def _with_test(g: dict[str, Any], pair: dict[str, Any] | None, p_key: str,
+               sign: float, claim: str) -> dict[str, Any]:
+    """Add the paired test over seeds to an accuracy goal (spread = min/max of the per-seed
+    differences in the goal's direction)."""
+    if pair is None:
+        return g
+    lo, hi = sorted((sign * pair["min_diff_points"], sign * pair["max_diff_points"]))
+    g.update({"spread": [round(lo, 3), round(hi, 3)], "spread_kind": "min/max over seeds",
+              "n_seeds": pair["n"], "test": pair["test"], "p_value": pair[p_key],
+              "p_claim": claim,
+              "smallest_possible_p": pair["smallest_possible_p_two_sided"] / 2})
+    g["status"] += f", paired one-sided p ({claim}) = {pair[p_key]:.4g} over {pair['n']} seeds"
+    return g
+
+
+def accuracy_goals(acc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's accuracy goals: paper-Taylor rows within 1 point of LoRA, and ahead of random
+    rows, on the mean paired difference over seeds (unpaired means without pairs), each with the paired sign-flip test when ``acc["paired"]``
+    has it (``p_value``: one-sided, for the LoRA goal that the gap is below 1 point).
+
+    >>> accuracy_goals(res["accuracy"])
+    """
+    s, paired, out = acc.get("summary", {}), acc.get("paired", {}), []
+
+    def diff(a: str, b: str) -> float:  # a - b in points: paired mean when the pair exists
+        p = paired.get(f"{b} vs {a}")
+        return -p["mean_diff_points"] if p else 100 * (s[a]["mean"] - s[b]["mean"])
+
+    if "rowsft_taylor" in s and "lora" in s:
+        g = _goal("row (Taylor) accuracy within 1 point of LoRA (LoRA - row, points)",
+                  "minilm", diff("lora", "rowsft_taylor"), 1.0)
+        out.append(_with_test(g, paired.get("rowsft_taylor vs lora"), "p_within_margin", -1.0,
+                              "gap < 1 point"))
+    if "rowsft_taylor" in s and "rowsft_random" in s:
+        g = _goal("importance rows above random rows (Taylor - random, points)", "minilm",
+                  -diff("rowsft_random", "rowsft_taylor"), 0.0, below=False)
+        out.append(_with_test(g, paired.get("rowsft_taylor vs rowsft_random"), "p_a_greater",
+                              1.0, "Taylor > random"))
     return out

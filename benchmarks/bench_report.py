@@ -57,6 +57,28 @@ def _timing_caption(m: dict[str, Any]) -> str:
     return text
 
 
+def accuracy_pairs_markdown(acc: dict[str, Any]) -> list[str]:
+    """The paired comparisons over seeds (``acc["paired"]``) as markdown lines: a - b in
+    points per seed, mean ± std, wins, exact sign-flip p-values. ``>>> accuracy_pairs_markdown(acc)``"""
+    paired = acc.get("paired") or {}
+    if not paired:
+        return []
+    n = max(p["n"] for p in paired.values())
+    lines = [f"Paired over seeds (a - b, accuracy points; exact sign-flip test over seeds; with "
+             f"n seeds the smallest possible p is 2/2^n two-sided, 1/2^n one-sided: "
+             f"{2 / 2 ** n:.4g} and {1 / 2 ** n:.4g} for {n} seeds):", "",
+             "| a vs b | per-seed a - b | mean ± std | min / max | wins / ties / losses "
+             "| p two-sided | p one-sided (a > b) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for key, p in paired.items():
+        per_seed = ", ".join(f"{q['seed']}: {q['diff_points']:+.2f}" for q in p["pairs"])
+        lines.append(f"| {key} | {per_seed} | {p['mean_diff_points']:+.2f} ± "
+                     f"{p['std_diff_points']:.2f} | {p['min_diff_points']:+.2f} / "
+                     f"{p['max_diff_points']:+.2f} | {p['wins']} / {p['ties']} / {p['losses']} | "
+                     f"{p['p_two_sided']:.4g} | {p['p_a_greater']:.4g} |")
+    lines.append("")
+    return lines
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     """Markdown tables of a results dict (memory/speed, accuracy, causal LM, scoring,
     interactive cost, goals), as pasted into docs/benchmarks.md. ``>>> print(to_markdown(res))``"""
@@ -84,11 +106,14 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines += [f"**Accuracy**, {acc['task']} ({acc['n_eval']} {acc['split']} examples), "
                   f"{acc['model']}, {acc['n_train']} train examples, max_length {acc['max_length']}, "
                   f"{acc['steps']} steps x batch {acc['batch_size']}, seeds {acc['seeds']}:", "",
-                  "| method | accuracy % (mean ± std) | trainable params |", "|---|---:|---:|"]
+                  "| method | accuracy % (mean ± std) | min - max | seeds | trainable params |",
+                  "|---|---:|---:|---:|---:|"]
         for name, s in acc["summary"].items():
-            lines.append(f"| {name} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
-                         f"{s['trainable_parameters']:,} |")
+            span = f"{100 * s['min']:.2f} - {100 * s['max']:.2f}" if "min" in s else "-"
+            lines.append(f"| {name} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {span} | "
+                         f"{s['n']} | {s['trainable_parameters']:,} |")
         lines.append("")
+        lines += accuracy_pairs_markdown(acc)
     lm = res.get("causal_lm")
     if lm:
         lines += [f"**Causal LM**, {lm['task']} with {lm['model']} ({lm['steps']} steps x batch "
@@ -142,7 +167,7 @@ def to_markdown(res: dict[str, Any]) -> str:
                   "|---|---|---:|---:|---:|---|"]
         for g in res["goals"]:
             lines.append(f"| {g['goal']} | {g['where']} | {_value(g['measured'])} | "
-                         f"{_spread(g.get('spread'))} | {g['limit']} | {goal_status(g)} |")
+                         f"{_goal_spread(g)} | {g['limit']} | {goal_status(g)} |")
     return "\n".join(lines)
 
 
@@ -152,6 +177,14 @@ def _value(v: float | None) -> str:
 
 def _spread(s: list[float] | None) -> str:
     return "-" if not s else f"{s[0]}-{s[1]}"
+
+
+def _goal_spread(g: dict[str, Any]) -> str:
+    """A goal's CI (timing) or its ``spread_kind`` (accuracy: min/max over seeds)."""
+    s = g.get("spread")
+    if s and g.get("spread_kind"):
+        return f"{s[0]} to {s[1]} ({g['spread_kind']})"
+    return _spread(s)
 
 
 def goal_status(g: dict[str, Any]) -> str:
@@ -178,13 +211,14 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"\naccuracy, {acc['task']} ({acc['n_eval']} validation), {acc['steps']} steps, "
               f"seeds {acc['seeds']}")
         for name, s in acc["summary"].items():
-            print(f"  {name:<14} {100 * s['mean']:6.2f} ± {100 * s['std']:4.2f}  "
+            print(f"  {name:<28} {100 * s['mean']:6.2f} ± {100 * s['std']:4.2f}  "
                   f"({s['trainable_parameters']:,} trainable)")
     lm = res.get("causal_lm")
     if lm:
         for name, s in lm["methods"].items():
             print(f"  causal LM {name:<7} loss {s['loss_before']:.4f} -> {s['loss_after']:.4f}")
     for g in res.get("goals", []):
-        spread = f" (CI {_spread(g.get('spread'))})" if g.get("spread") else ""
+        spread = (f" ({_goal_spread(g)})" if g.get("spread_kind") else
+                  f" (CI {_spread(g.get('spread'))})" if g.get("spread") else "")
         print(f"  [{g.get('status') or ('met' if g['met'] else 'not met')}] {g['where']}: "
               f"{g['goal']}: {_value(g['measured'])}{spread}")
