@@ -398,3 +398,14 @@ launcher
 # - **Catastrophic forgetting**: look at the two extra prompts after a full run. Mixing some
 #   `chat_qa` examples into the training set is the usual remedy.
 # - **Reload and deploy**: [06_deploy](06_deploy.ipynb) loads an adapter onto a fresh base model.
+# - **The paper's own setup in one call**: `rs.recipes.spruft_llm()` holds the authors' LLM
+#   settings (from their `finetune_text_generation_model_ours.py` and README command):
+#   `FixedRows(64)` in every Linear but `lm_head` (`attention=False` leaves q/k/v out),
+#   zeroth-order Taylor scoring (`ZerothOrderTaylor(eps=1e-3, n_estimate=2, data_split=256)`),
+#   AdamW lr 1e-4, weight decay 0, StepLR with gamma 0.85 per epoch, 3 epochs, batch 1, no
+#   gradient clipping; deltas start at zero (`init="kaiming"` gives theirs).
+#   `print(rs.recipes.spruft_llm().summary())` shows them; `recipe.run(model, train, calib)`
+#   scores, selects, injects and trains. `rs.recipes.spruft_encoder()` is their ViT/encoder
+#   setup: `Ratio(0.05)` with rows per head in multiples of 2, the classifier trained fully, Adam
+#   lr 1e-4 with cosine decay per epoch, 5 epochs. docs/paper.md maps every option of their
+#   scripts.
