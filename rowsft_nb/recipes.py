@@ -18,7 +18,6 @@ authors' LLM initialisation.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -231,17 +230,6 @@ class Recipe:
             kwargs["train_heads"] = False
         return kwargs
 
-    def missing_hooks(self) -> list[str]:
-        """Options this recipe needs that this rowsft_nb does not have yet (empty = runnable)."""
-        from .adapter import inject
-        from .selection import select
-
-        missing = []
-        for fn, kwargs in ((select, self.select_kwargs()), (inject, self.inject_kwargs())):
-            params = inspect.signature(fn).parameters
-            missing += [f"{fn.__name__}(..., {k}=...)" for k in kwargs if k not in params]
-        return missing
-
     def run(self, model, train_dataset, calibration: Iterable[Mapping[str, Any]], *,
             eval_dataset=None, tokenizer=None, **train_overrides: Any) -> RecipeResult:
         """Score ``model`` on ``calibration`` (batches, e.g. ``rowsft_nb.calibration_batches``),
@@ -258,12 +246,6 @@ class Recipe:
         from .selection import select
         from .train import train
 
-        missing = self.missing_hooks()
-        if missing:
-            raise NotImplementedError(
-                f"recipe {self.name!r} needs {', '.join(missing)}, which this rowsft_nb does "
-                "not have yet; use dataclasses.replace(recipe, per_head=False, init='zeros') "
-                "to run without them")
         if calibration is None:
             raise ValueError("run() needs calibration batches for scoring, e.g. "
                              "rowsft_nb.calibration_batches(data.train, 8, 64, data.collator)")
