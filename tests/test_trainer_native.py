@@ -5,43 +5,15 @@ import importlib
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainingArguments, default_data_collator
 
 import rowsft_nb as rs
-from rowsft_nb import testing
-from rowsft_nb.adapter import inject
-from rowsft_nb.plan import RowPlan
-from rowsft_nb.targets import find_targets, linear_shape
+
+# shared with tests/test_train.py (tests/ is on sys.path under pytest)
+from test_train import NanAtStep, adapted_bert, assert_states_close, cls_dataset, trainable_state
 
 train_module = importlib.import_module("rowsft_nb.train")  # rowsft_nb.train is the function
 FAST = dict(device="cpu", progress_bar=False, logging_steps=1)
-
-
-def cls_dataset(n=48, seq=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, testing.VOCAB, (n, seq), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(),
-                              "attention_mask": torch.ones_like(ids).tolist(),
-                              "labels": (ids[:, 1] % 2).tolist()})
-
-
-def adapted_bert():
-    model = testing.tiny_bert()
-    names = find_targets(model, "all-linear")
-    plan = RowPlan(rows={n: [0, 1, 2] for n in names},
-                   shapes={n: linear_shape(model.get_submodule(n)) for n in names})
-    return inject(model, plan)
-
-
-def trainable_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_states_close(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def script_args(tmp_path, **overrides):
@@ -60,18 +32,6 @@ class Recorder(rs.TrainingObserver):
     def on_log(self, step, logs):
         if "loss" in logs:
             self.steps.append(step)
-
-
-class NanAtStep(TrainerCallback):
-    """The classifier outputs NaN (training only) from optimizer step ``step`` on."""
-
-    def __init__(self, model, step):
-        self.step, self.active = step, False
-        model.classifier.register_forward_hook(
-            lambda mod, inp, out: out * float("nan") if (self.active and mod.training) else out)
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.active = state.global_step >= self.step
 
 
 # ------------------------------------------------------------------ a plain Trainer script
