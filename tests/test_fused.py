@@ -329,6 +329,9 @@ def test_half_precision_forward_sees_deployed_weight_and_fp32_master_rows_move()
 @pytest.mark.parametrize("arch,producers,per_token", [
     ("llama", ["model.layers.{}.input_layernorm", "model.layers.{}.mlp",
                "model.layers.{}.post_attention_layernorm"], 3 * 64 + 2 * 144),
+    # Gemma 3 (h 32, f 64): as LLaMA, its MLP input norm is pre_feedforward_layernorm
+    ("gemma3", ["model.layers.{}.input_layernorm", "model.layers.{}.mlp",
+                "model.layers.{}.pre_feedforward_layernorm"], 3 * 32 + 2 * 64),
     ("bert", ["bert.encoder.layer.{}.attention.output.LayerNorm",
               "bert.encoder.layer.{}.intermediate", "bert.encoder.layer.{}.output.LayerNorm"],
      3 * 32 + 2 * 64)])

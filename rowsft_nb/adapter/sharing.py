@@ -9,8 +9,9 @@ output projection, ``x`` is computed from tensors the frozen graph already keeps
   recomputes the product in backward;
 * BERT/RoBERTa/ELECTRA intermediate and ViT MLP: ``x = GELU(z)``; GELU's backward saves ``z``,
   so the fused ``output.dense`` / ``fc2`` saves ``z`` and recomputes ``GELU(z)``;
-* the normalised hidden state feeding q/k/v and gate/up (LLaMA-style RMSNorm: from the
-  residual stream ``h`` and ``1/rms(h)``, both saved by the norm's backward; ``nn.LayerNorm``
+* the normalised hidden state feeding q/k/v and gate/up (LLaMA-style RMSNorm and Gemma's
+  ``x_hat * (1 + w)``: from the residual stream ``h`` and ``1/rms(h)``, both saved by the
+  norm's backward; ``nn.LayerNorm``
   in BERT/ViT/GPT-2...: from its input, saved by ``layer_norm``'s backward).
 
 A producer module's forward is replaced (on the instance) by one doing exactly the same
@@ -58,6 +59,22 @@ def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
     rstd = torch.rsqrt(variance + self.variance_epsilon)
     out = _rms_norm(self.weight, input_dtype, h, rstd)   # the class forward's exact ops
     _tag(out, functools.partial(_rms_norm, self.weight, input_dtype), h, rstd)
+    return out
+
+
+def _gemma_rms_norm(weight: torch.Tensor, dtype: torch.dtype, h: torch.Tensor,
+                    rstd: torch.Tensor) -> torch.Tensor:
+    return ((h * rstd) * (1.0 + weight.float())).to(dtype)
+
+
+def _gemma_rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gemma 1-3 RMSNorm: ``(x_hat * (1 + w)).type_as(x)`` in fp32 (the class's exact ops);
+    ``x_hat = h * rstd`` saves ``h`` and ``rstd``, the product with the frozen ``1 + w`` saves
+    nothing more that requires grad."""
+    h = x.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+    out = _gemma_rms_norm(self.weight, x.dtype, h, rstd)
+    _tag(out, functools.partial(_gemma_rms_norm, self.weight, x.dtype), h, rstd)
     return out
 
 
@@ -129,10 +146,18 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable, Callable[[
                  ("hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
                   "return self.weight * hidden_states.to(input_dtype)"),
                  _rms_norm_forward, _any_consumer),
+    # Gemma 1-3: x_hat * (1 + w) in fp32; the class's _norm is checked too (_EXTRA_LINES)
+    "gemma_rms_norm": (("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"),
+                       ("output = self._norm(x.float())",
+                        "output = output * (1.0 + self.weight.float())"),
+                       _gemma_rms_norm_forward, _any_consumer),
     # nn.LayerNorm (BERT, RoBERTa, ViT, GPT-2, ...): recomputed from its input, which
     # layer_norm's backward saves
     "layer_norm": (("LayerNorm",), (), _layer_norm_forward, _any_consumer),
 }
+#: family -> {other method: its ``self.`` lines}: methods the class forward calls
+_EXTRA_LINES = {"gemma_rms_norm": {
+    "_norm": ("return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)",)}}
 _OURS = {spec[2] for spec in FAMILIES.values()}
 _CHECKED: dict[tuple[type, str], bool] = {}
 
@@ -144,13 +169,19 @@ def _known_forward(cls: type, family: str) -> bool:
     if family == "layer_norm":
         return cls is nn.LayerNorm
     if key not in _CHECKED:
-        try:
-            lines = inspect.getsource(cls.forward).splitlines()
-        except (OSError, TypeError):
-            lines = []
-        body = tuple(line.strip() for line in lines if "self." in line)
-        _CHECKED[key] = body == FAMILIES[family][1]
+        wanted = {"forward": FAMILIES[family][1], **_EXTRA_LINES.get(family, {})}
+        _CHECKED[key] = all(_self_lines(getattr(cls, method, None)) == lines
+                            for method, lines in wanted.items())
     return _CHECKED[key]
+
+
+def _self_lines(method: Callable | None) -> tuple[str, ...]:
+    """The stripped source lines of ``method`` that use ``self.`` (empty when unreadable)."""
+    try:
+        lines = inspect.getsource(method).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    return tuple(line.strip() for line in lines if "self." in line)
 
 
 def share_activations(model: nn.Module, fused: Iterable[str]) -> list[str]:

@@ -38,12 +38,16 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
 def forward_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], floor: bool = False
                  ) -> torch.Tensor:
     """The training loss of ``model`` on ``batch``; ``floor=True``: through
-    ``inputs_embeds`` that require grad (the frozen floor's backward reaches the embeddings).
+    ``inputs_embeds`` that require grad (the frozen floor's backward reaches the embeddings;
+    for a vision model without ``input_ids``, the ``pixel_values``).
 
     >>> forward_loss(model, batch).backward()
     """
     if not floor:
         return model(**batch).loss
+    if "input_ids" not in batch and "pixel_values" in batch:  # vision: backward reaches pixels
+        pixels = batch["pixel_values"].detach().requires_grad_(True)
+        return model(**{**batch, "pixel_values": pixels}).loss
     emb = model.get_input_embeddings()
     inputs = {k: v for k, v in batch.items() if k != "input_ids"}
     inputs["inputs_embeds"] = emb(batch["input_ids"]).detach().requires_grad_(True)
