@@ -59,6 +59,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -398,9 +399,16 @@ def run_model(name: str, args: argparse.Namespace, phases: Phases, timing_phases
         make, plan, lora_rank, batch, args, phases, f"{name} float", timing_phases_left,
         models_left)}
     if args.quant:
-        groups["nf4"] = run_group(
-            list(QUANT_METHODS), "nf4_floor", "qlora", make, plan, lora_rank, batch, args,
-            phases, f"{name} nf4", timing_phases_left - 1, models_left)
+        try:  # never lose the float group's numbers to a 4-bit problem on an untried device
+            groups["nf4"] = run_group(
+                list(QUANT_METHODS), "nf4_floor", "qlora", make, plan, lora_rank, batch, args,
+                phases, f"{name} nf4", timing_phases_left - 1, models_left)
+        except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+            if args.tiny:
+                raise
+            traceback.print_exc()
+            print(f"  {name} nf4 group FAILED: {type(err).__name__}: {err}")
+            groups["nf4_error"] = f"{type(err).__name__}: {err}"
     _free(args)
     config = {k: getattr(cfg, k, None) for k in CONFIGS["llama1b"]}
     config["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
@@ -431,6 +439,9 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     """One table per group: memory (peak, above the floor, that x LoRA's) and time (median
     step, per-round ratios vs the floor and vs LoRA with their CI), then the verdict."""
     for label, g in result["groups"].items():
+        if isinstance(g, str):  # a group that failed
+            print(f"\n{name}, {label}: {g}")
+            continue
         floor, lora = g["floor"], g["lora"] or "-"
         level = (g["methods"][floor]["x_floor"] or {}).get("ci_level", float("nan"))
         print(f"\n{name}, {label} group: memory above {floor} and x {lora}'s; step-time "
@@ -561,13 +572,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         n_groups = 2 if args.quant else 1
         for i, name in enumerate(args.models):
-            results[name] = run_model(name, args, phases,
-                                      timing_phases_left=n_groups * (len(args.models) - i),
-                                      models_left=len(args.models) - i - 1)
-            print_table(name, results[name])
+            try:
+                results[name] = run_model(name, args, phases,
+                                          timing_phases_left=n_groups * (len(args.models) - i),
+                                          models_left=len(args.models) - i - 1)
+            except Exception as err:  # noqa: BLE001 - keep the other model's numbers
+                if args.tiny:
+                    raise
+                traceback.print_exc()
+                print(f"\n{name} FAILED: {type(err).__name__}: {err}")
+                results[name] = {"error": f"{type(err).__name__}: {err}"}
+                _free(args)
+            else:
+                print_table(name, results[name])
+            # written after every model: a run cut by the time limit keeps what it measured
+            write_json(out, {**info, "models": results, "phases": phases.log,
+                             "seconds": phases.elapsed(), "complete": False})
     finally:
         torch.set_num_threads(threads)
-    info.update(models=results, phases=phases.log, seconds=phases.elapsed())
+    info.update(models=results, phases=phases.log, seconds=phases.elapsed(), complete=True)
     write_json(out, info)
     print(f"\ntotal {phases.elapsed():.1f} s; results written to {out}")
     return 0
