@@ -340,11 +340,13 @@ def test_sharing_saves_exactly_the_recomputed_inputs_and_keeps_gradients(arch, p
     def run(share):
         model = testing.tiny_model(arch)
         batch = testing.random_batches(model, n=1, batch_size=2, seq_len=8)[0]
-        inject(model, _plan(model), init="kaiming")
+        inject(model, _plan(model), init="kaiming", sharing=share)
         state = adapter_state(model)
-        assert set(p.format(i) for p in producers for i in (0, 1)) <= set(state.shared)
-        if not share:
-            unshare_activations(model, state.shared)
+        if share:
+            assert set(p.format(i) for p in producers for i in (0, 1)) <= set(state.shared)
+        else:   # sharing=False: no producer forward replaced
+            assert state.shared == []
+            assert not any("forward" in vars(m) for m in model.modules())
         model.train()
         saved = saved_tensor_bytes(lambda: model(**batch).loss,
                                    [*model.parameters(), *model.buffers()])
@@ -355,6 +357,27 @@ def test_sharing_saves_exactly_the_recomputed_inputs_and_keeps_gradients(arch, p
     assert plain - shared == 2 * 8 * per_token * 4          # batch 2 x seq 8 tokens, fp32
     assert g_plain.keys() == g_shared.keys()
     assert all(torch.equal(g_plain[n], g_shared[n]) for n in g_plain)   # recompute is exact
+
+
+def test_sharing_flag_is_checked_before_the_model_changes_and_unshare_matches_it():
+    model = testing.tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="sharing must be True or False"):
+        inject(model, _plan(model), sharing="yes")
+    assert adapter_state(model) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # undoing sharing after inject saves exactly what sharing=False saves
+    batch = testing.random_batches(model, n=1, batch_size=2, seq_len=8)[0]
+    saved = []
+    for how in ("flag", "unshare"):
+        m = testing.tiny_llama()
+        inject(m, _plan(m), sharing=how == "unshare")
+        if how == "unshare":
+            unshare_activations(m, adapter_state(m).shared)
+        m.train()
+        saved.append(saved_tensor_bytes(lambda: m(**batch).loss,
+                                        [*m.parameters(), *m.buffers()]))
+    assert saved[0] == saved[1]
 
 
 def test_a_tagged_input_changed_in_place_is_saved_not_recomputed():
