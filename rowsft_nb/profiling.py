@@ -14,10 +14,16 @@ Usage::
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+# torch 2.13's profiler backend (kineto) prints "USDT: ... profiler_start/stop" to stderr at
+# every profiling session, which landed in notebook outputs; level 6 is above all of its
+# levels. A user's own KINETO_LOG_LEVEL wins.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 __all__ = ["peak_memory", "measure_peak", "saved_tensor_bytes", "tensor_bytes"]
 

@@ -56,3 +56,19 @@ def test_tensor_bytes_each_storage_once():
     lin = nn.Linear(4, 3)
     assert tensor_bytes(lin) == (12 + 3) * 4
     assert tensor_bytes(a) == 40
+
+
+def test_profiling_prints_nothing_to_stderr():
+    """torch's profiler backend printed 'USDT: ... profiler_start' lines at the C level,
+    which landed in notebook outputs; a fresh process must print nothing."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom rowsft_nb.profiling import peak_memory\n"
+            "print(peak_memory(lambda: torch.randn(1000).sum()))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "KINETO_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "USDT" not in run.stderr and "profiler_start" not in run.stderr, run.stderr
+    assert int(run.stdout.strip()) > 0
