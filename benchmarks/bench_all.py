@@ -13,6 +13,7 @@ Usage::
     rowsft-nb bench --quick                                  # a few minutes
     python benchmarks/bench_all.py --parts memory,scoring,interactive --out-dir benchmarks/results
     python benchmarks/bench_all.py --parts accuracy --out benchmarks/results/bench_accuracy.json
+    python benchmarks/bench_all.py --quick --parts quant --out-dir /tmp/bench   # tiny LLaMA
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from bench_goals import goals  # noqa: E402
 from bench_report import print_summary, to_markdown  # noqa: E402
 from rowsft_nb.bench import machine_info, require_peft  # noqa: E402
 
-PARTS = ("memory", "scoring", "interactive", "accuracy")
+PARTS = ("memory", "scoring", "interactive", "accuracy", "quant")
 DEFAULT_OUT_DIR = Path("rowsft-bench-results")
 
 
@@ -76,6 +77,7 @@ class BenchConfig:
     lr_adapter: float = 2e-3
     lr_full: float = 1e-4
     lm_lr: float = 5e-4
+    quant_time_rounds: int = 10     # quantized bases (bench_quant): SmolLM2 rounds
 
     @classmethod
     def quick(cls) -> "BenchConfig":
@@ -132,7 +134,8 @@ def check_parts(parts: Iterable[str] | None) -> list[str]:
 def run(quick: bool = False, threads: int = 1, parts: Iterable[str] | None = None,
         cfg: BenchConfig | None = None, command: str = "",
         partial_out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run the benchmark parts (``memory``, ``scoring``, ``interactive``, ``accuracy``) and
+    """Run the benchmark parts (``memory``, ``scoring``, ``interactive``, ``accuracy``,
+    ``quant``: quantized bases, SmolLM2, or the tiny LLaMA with ``--quick``) and
     return one results dict (what ``bench.json`` holds). With ``partial_out``, the results
     so far are written there after every accuracy run.
 
@@ -142,8 +145,12 @@ def run(quick: bool = False, threads: int = 1, parts: Iterable[str] | None = Non
     if int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     cfg = cfg or (BenchConfig.quick() if quick else BenchConfig())
-    if "memory" in parts or "accuracy" in parts:
+    if "memory" in parts or "accuracy" in parts or "quant" in parts:
         require_peft()  # the LoRA baseline: fail before any model loads
+    if "quant" in parts:
+        from rowsft_nb.quant import require_bitsandbytes
+
+        require_bitsandbytes()  # the quantized-base part: fail before any model loads
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -184,6 +191,16 @@ def run(quick: bool = False, threads: int = 1, parts: Iterable[str] | None = Non
         if cfg.smollm:
             res["causal_lm"] = bench_accuracy.loss_smollm(cfg)
         timings["accuracy"] = time.perf_counter() - t
+    if "quant" in parts:
+        import bench_quant
+
+        t = time.perf_counter()
+        qcfg = bench_quant.QuantConfig() if cfg.smollm else bench_quant.QuantConfig.tiny()
+        qcfg.threads = int(threads)
+        if cfg.smollm:
+            qcfg.time_rounds = cfg.quant_time_rounds
+        res["quant"] = bench_quant.run(qcfg)
+        timings["quant"] = time.perf_counter() - t
     res["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     res["seconds"]["total"] = round(time.perf_counter() - start, 1)
     res["machine_end"] = machine_info(threads)
@@ -245,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.rounds is not None and args.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-        if "memory" in parts or "accuracy" in parts:
+        if "memory" in parts or "accuracy" in parts or "quant" in parts:
             require_peft()
     except (ValueError, ImportError) as err:
         parser.error(str(err))
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_smollm:
         cfg.smollm = False
     if args.rounds is not None:
-        cfg.time_rounds = cfg.smollm_time_rounds = int(args.rounds)
+        cfg.time_rounds = cfg.smollm_time_rounds = cfg.quant_time_rounds = int(args.rounds)
     command = " ".join(["rowsft-nb bench", *(argv if argv is not None else sys.argv[1:])])
     res = run(quick=args.quick, threads=args.threads, parts=parts, cfg=cfg, command=command,
               partial_out=out)

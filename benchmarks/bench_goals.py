@@ -7,7 +7,8 @@ Issue 14 (step time and memory near the frozen floor, at equal trainable paramet
 row step time <= 0.85x LoRA and <= 1.06x the frozen floor; row memory above the floor
 <= 0.5x LoRA's; column memory above the floor <= 0.2x LoRA's. Issue 8: row total <= 0.5x
 dense-mask total. Issue 12: paper-Taylor rows within 1 point of LoRA's accuracy and above
-random rows (means over seeds, with an exact paired sign-flip test over seeds).
+random rows (means over seeds, with an exact paired sign-flip test over seeds). Issue 16
+(quantized bases): :func:`quant_goals`.
 
 Usage::
 
@@ -61,7 +62,15 @@ def time_goal(block: dict[str, Any], method: str, against: str, limit: float, te
     s = t[key]["wall"]
     if s is None:
         return None
-    return _goal(text, where, s["median"], limit, spread=(s["ci_low"], s["ci_high"]))
+    g = _goal(text, where, s["median"], limit, spread=(s["ci_low"], s["ci_high"]))
+    # a goal relative to LoRA that would need the method faster than the frozen floor
+    lora_floor = rows.get(against, {}).get("time", {}).get("ratio_floor", {}).get("wall")
+    if against != "floor" and lora_floor and limit * lora_floor["median"] < 1.0 and not g["met"]:
+        g["status"] += (f" (infeasible here: {against} is only {lora_floor['median']:.3f}x the "
+                        f"frozen floor, so {limit}x {against} means "
+                        f"{limit * lora_floor['median']:.3f}x the floor, faster than the frozen "
+                        "model)")
+    return g
 
 
 def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -78,6 +87,43 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
             if g is not None:
                 out.append(g)
     out += accuracy_goals(res.get("accuracy", {}))
+    out += quant_goals(res.get("quant", {}))
+    return out
+
+
+def quant_goals(q: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 16's goals from a ``bench_quant`` results dict: rows->4bit merge KL (vs the
+    unmerged model) <= 0.2x QLoRA's requantized merge KL, and the same for the task-loss
+    increase the merge causes (one pair per QLoRA lr), NF4 blocks changed outside the
+    selected rows = 0, 4-bit + rows memory above the 4-bit floor <= QLoRA's.
+
+    >>> quant_goals(json.load(open("benchmarks/results/bench_quant.json")))
+    """
+    if not q:
+        return []
+    out: list[dict[str, Any]] = []
+    where = q.get("config", {}).get("model", "quant")
+    merges = q.get("merges", {})
+    rows = merges.get("rows", {})
+    rows_kl = rows.get("4bit", {}).get("kl")
+    for label, m in merges.items():
+        if label.startswith("qlora") and rows_kl is not None and m.get("requantize"):
+            lr = q.get("training", {}).get(label, {}).get("lr")
+            at = f"{where}, QLoRA lr {lr:g}" if lr else where
+            out.append(_goal("rows->4bit merge KL <= 0.2x QLoRA's requantized merge KL "
+                             "(ratio)", at, rows_kl / max(m["requantize"]["kl"], 1e-30), 0.2))
+            lost_q = m["requantize"]["task_loss"] - m["unmerged_task_loss"]
+            lost_r = rows["4bit"]["task_loss"] - rows["unmerged_task_loss"]
+            out.append(_goal("rows->4bit merge task-loss increase <= 0.2x QLoRA's requantized "
+                             "merge's (ratio)", at, lost_r / max(lost_q, 1e-30), 0.2))
+    blocks = q.get("survival", {}).get("rows", {}).get("4bit", {}).get("blocks_changed")
+    if blocks is not None:
+        out.append(_goal("NF4 blocks changed outside the selected rows (rows->4bit merge)",
+                         where, blocks["outside"], 0))
+    mem = q.get("memory", {})
+    if mem.get("overhead_ratio_rows_over_qlora") is not None:
+        out.append(_goal("4-bit + rows memory above the 4-bit floor <= QLoRA's (ratio)", where,
+                         mem["overhead_ratio_rows_over_qlora"], 1.0))
     return out
 
 

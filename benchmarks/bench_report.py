@@ -162,6 +162,8 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {k} | {r['slider_move_ms_median']} | {r['state_update_ms_median']} "
                          f"| {r['figure_update_ms_median']} |")
         lines.append("")
+    if res.get("quant"):
+        lines += [quant_markdown(res["quant"], goals=False), ""]
     if res.get("goals"):
         lines += ["| goal | where | measured | CI | limit | status |",
                   "|---|---|---:|---:|---:|---|"]
@@ -222,3 +224,78 @@ def print_summary(res: dict[str, Any]) -> None:
                   f" (CI {_spread(g.get('spread'))})" if g.get("spread") else "")
         print(f"  [{g.get('status') or ('met' if g['met'] else 'not met')}] {g['where']}: "
               f"{g['goal']}: {_value(g['measured'])}{spread}")
+
+
+def _mib(b: float) -> str:
+    return f"{b / MiB:.1f}"
+
+
+def quant_markdown(q: dict[str, Any], goals: bool = True) -> str:
+    """Markdown tables of a ``bench_quant`` results dict: step 0, training, merges, update
+    survival, memory and step time (and its goals). ``>>> print(quant_markdown(res["quant"]))``"""
+    p, c = q["plan"], q["config"]
+    lines = [f"**Quantized base**, {q['model']}, {q.get('quant_settings')}; rows: "
+             f"{p['rows_per_module']} per module ({c['metric']} on the float copy), "
+             f"{p['modules']} modules, {p['trainable']:,} parameters; LoRA rank {p['lora_rank']}."
+             f" Task loss: float {q['task_loss_float']:.4f}, plain 4-bit "
+             f"{q['task_loss_4bit']:.4f}.",
+             "", f"Step 0, output error vs the float model ({q.get('step0_tokens', '?')} tokens):",
+             "", "| start | trainable | KL | logit MSE | nuclear-norm ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for name, e in q["step0"].items():
+        nr = "-" if e.get("nuclear_ratio") is None else f"{e['nuclear_ratio']:.4f}"
+        lines.append(f"| {name} | {e['trainable']:,} | {e['kl']:.4g} | {e['logit_mse']:.4g} "
+                     f"| {nr} |")
+    lines += ["", f"Training ({c['steps']} steps x batch {c['batch_size']}) and merges "
+              "(output error of the merged model vs its unmerged adapted model; task loss on "
+              "the eval batches):", "",
+              "| method | lr | train s | merge | KL vs unmerged | logit MSE | task loss "
+              "| unmerged loss |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, m in q["merges"].items():
+        t = q["training"][name]
+        for into, v in m.items():
+            if isinstance(v, dict):
+                lines.append(f"| {name} | {t['lr']:g} | {t['seconds']:.0f} | {into} | "
+                             f"{v['kl']:.3g} | {v['logit_mse']:.3g} | {v['task_loss']:.4f} | "
+                             f"{m['unmerged_task_loss']:.4f} |")
+    lines += ["", "Update survival in the 4-bit merges (U = the trained update: rows' deltas "
+              "minus their residual start, QLoRA's scaling B A; kept = <D, U> / <U, U> with "
+              "D = deq(merged) - deq(Q0); half step = half the NF4 code gap at the entry's "
+              "code times its block absmax; counterfactuals re-quantize the same U from the "
+              "other start):", "",
+              "| method | merge | kept | ‖D-U‖/‖U‖ | codes changed (support) "
+              "| median \\|U\\|/half step | share > half step | blocks changed in / out |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, block in q["survival"].items():
+        for into, v in block.items():
+            s, b = v["survival"], v["blocks_changed"]
+            lines.append(f"| {name} | {into} | {s['kept']:.3f} | {s['rel_error']:.3f} | "
+                         f"{s['codes_changed_support']:.4f} | {s['step_ratio_median']:.3f} | "
+                         f"{s['above_half_step']:.4f} | {b['inside']} / {b['outside']} |")
+    mem = q["memory"]
+    t = mem["timing"]
+    lines += ["", f"Memory (exact CPU accounting, batch {mem['batch']}, AdamW; MiB) and step time "
+              f"({t['rounds']} interleaved rounds after {t['warmup']} warm-up step each, "
+              f"{t.get('torch_threads', '?')} torch thread(s); ratio = median of per-round "
+              f"wall-time ratios [CI]); float + rows mode {mem['float_rows_mode']}:", "",
+              "| method | trainable params | weights | trainable | grads | AdamW | saved for bwd "
+              "| step peak | total | above 4-bit floor | step ms | x 4-bit floor | x QLoRA |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(e: dict[str, Any], key: str) -> str:
+        s = (e.get(key) or {}).get("wall")
+        return "-" if not s else f"{s['median']:.2f} [{s['ci_low']:.2f}-{s['ci_high']:.2f}]"
+
+    for name, r in mem["methods"].items():
+        e = t["methods"][name]
+        lines.append(f"| {name} | {r['trainable_parameters']:,} | {_mib(r['weights'])} | "
+                     f"{_mib(r['trainable'])} | {_mib(r['gradients'])} | {_mib(r['optimizer'])} | "
+                     f"{_mib(r['saved'])} | {_mib(r['step_peak'])} | {_mib(r['total'])} | "
+                     f"{_mib(r['overhead'])} | {e['wall_s']['median'] * 1e3:.0f} | "
+                     f"{ratio(e, 'ratio_floor')} | {ratio(e, 'ratio_lora')} |")
+    if goals and q.get("goals"):
+        lines += ["", "| goal | where | measured | limit | status |", "|---|---|---:|---:|---|"]
+        for g in q["goals"]:
+            lines.append(f"| {g['goal']} | {g['where']} | {_value(g['measured'])} | "
+                         f"{g['limit']} | {goal_status(g)} |")
+    return "\n".join(lines)

@@ -13,6 +13,9 @@ Usage::
     models = bench.build_methods(lambda: copy.deepcopy(base), plan, column_plan)
     memory = {k: bench.measure_memory(m, batch, method=k) for k, m in models.items()}
     timing = bench.time_methods(models, batch, rounds=100)  # interleaved, ratios with CIs
+
+Quantized bases (rows with a residual start vs QLoRA / LoftQ, merges back into 4-bit):
+``rowsft_nb.bench.quant`` (``step0_errors``, ``merge_errors``, ``update_survival``, ...).
 """
 from .baselines import (METHODS, PEFT_MISSING, OneHotRowLinear, apply_dense_mask, apply_floor,
                         apply_full, apply_lora, apply_onehot, build_methods, matched_plans,
