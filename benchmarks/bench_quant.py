@@ -146,6 +146,7 @@ def _counterfactual(q0: nn.Module, float_model: nn.Module, updates: dict[str, to
     given, as the 4-bit row merge does), ``start="float"`` re-quantizes ``W + U`` whole
     (W: the float weights; the rows' situation after a residual start)."""
     from rowsft_nb import quant as Q
+    from rowsft_nb.adapter.model import _set_module
 
     m = copy.deepcopy(q0)
     for name, U in updates.items():
@@ -156,7 +157,7 @@ def _counterfactual(q0: nn.Module, float_model: nn.Module, updates: dict[str, to
         else:
             W = (Q.dequantize_weight(layer) if start == "codes" else
                  float_model.get_submodule(name).weight.detach().float())
-            Q._set_module(m, name, Q.requantize_layer(layer, W + U))
+            _set_module(m, name, Q.requantize_layer(layer, W + U))
     return m
 
 

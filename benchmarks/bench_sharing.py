@@ -14,7 +14,7 @@ AdamW state, step peak) minus the frozen floor's.
 
 - ``lora``: PEFT LoRA at the plan's equivalent rank, on the plan's modules;
 - ``delta``: ``inject(mode="delta")`` (each layer saves its input);
-- ``fused``: ``inject()`` then ``unshare_activations`` (fused layers saving their input);
+- ``fused``: ``inject(sharing=False)`` (fused layers saving their input);
 - ``fused_shared``: ``inject()`` (the default: fused where exact + activation sharing).
 
 "recomputed" lists the fused layers whose input was really recomputed in backward on the
@@ -53,7 +53,6 @@ from torch import nn  # noqa: E402
 from rowsft_nb._io import atomic_path, write_json  # noqa: E402
 from rowsft_nb.adapter import adapted_modules, adapter_modes, adapter_state, inject  # noqa: E402
 from rowsft_nb.adapter import fused as fused_mod  # noqa: E402
-from rowsft_nb.adapter.sharing import unshare_activations  # noqa: E402
 from rowsft_nb.bench import apply_lora, forward_loss, matched_plans, measure_memory  # noqa: E402
 from rowsft_nb.plan import RowPlan  # noqa: E402
 from rowsft_nb.targets import find_targets, linear_shape, model_fingerprint  # noqa: E402
@@ -160,13 +159,9 @@ def prepare(model: nn.Module, method: str, plan: RowPlan, lora_rank: int,
         return apply_lora(model, plan, lora_rank)
     if method == "delta":
         return inject(model, plan, mode="delta", modules_to_save=None, init=init)
-    if method in ("fused", "fused_shared"):
-        inject(model, plan, modules_to_save=None, init=init)  # the default
-        if method == "fused":  # fused rows, each layer saving its own input
-            state = adapter_state(model)
-            unshare_activations(model, state.shared)
-            state.shared = []
-        return model
+    if method in ("fused", "fused_shared"):  # "fused": each fused layer saves its own input
+        return inject(model, plan, modules_to_save=None, init=init,
+                      sharing=method == "fused_shared")
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 

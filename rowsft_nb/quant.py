@@ -254,15 +254,9 @@ def _make_int8(w: torch.Tensor, bias: torch.Tensor | None, training: bool) -> nn
                                      requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    layer = layer.to(w.device if w.device.type != "cpu" else "cpu")
+    layer = layer.to(w.device)
     layer.train(training)
     return layer
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def quantize(model: nn.Module, method: str = "nf4", *, blocksize: int = 64,
@@ -277,7 +271,7 @@ def quantize(model: nn.Module, method: str = "nf4", *, blocksize: int = 64,
 
     >>> quantize(model, "nf4", blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
     """
-    from .adapter.model import adapter_state
+    from .adapter.model import _set_module, adapter_state
     from .targets import find_targets, is_conv1d
 
     _check_method(method, blocksize)
@@ -338,6 +332,8 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32,
 
     >>> dequantize(model)          # a plain float model with the 4-bit model's outputs
     """
+    from .adapter.model import _set_module
+
     wanted = None if names is None else set(names)
     new: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
@@ -429,16 +425,13 @@ def requantize_rows_(module: nn.Module, rows: Sequence[int] | torch.Tensor,
         return backup
     n, bs = d_out * d_in, int(st.blocksize)
     blocks = _blocks_of_rows(rows, d_in, bs, n)
-    flat = dequantize_weight(module).reshape(-1)            # one layer, transient
-    flat = flat.clone()
+    flat = dequantize_weight(module).reshape(-1)            # a new tensor: one layer, transient
     flat.view(d_out, d_in).index_copy_(0, rows.to(flat.device), values.float().to(flat.device))
     nb = (n + bs - 1) // bs
     padded = torch.zeros(nb * bs, dtype=torch.float32, device=flat.device)
     padded[:n] = flat
-    valid = torch.zeros(nb * bs, dtype=torch.bool, device=flat.device)
-    valid[:n] = True
     vals = padded.view(nb, bs)[blocks]
-    mask = valid.view(nb, bs)[blocks]
+    mask = (blocks.unsqueeze(1) * bs + torch.arange(bs)).to(flat.device) < n  # real elements
     code = st.code.float()
     candidates = None
     if st.nested:
@@ -577,15 +570,9 @@ def merge_rows_into_4bit(layer: nn.Module) -> dict[str, Any]:
 
 def restore_merge(layer: nn.Module, backup: Mapping[str, Any]) -> None:
     """Undo :func:`merge_rows_into_4bit` bit-exactly."""
-    base = layer.base_layer
-    with torch.no_grad():
-        if layer._created_bias:
-            base.bias = None
-            layer._created_bias = False
-        elif "bias" in backup:
-            base.bias.index_copy_(0, layer.rows, backup["bias"])
+    layer._restore_bias(backup)
     if "q" in backup:
-        restore_(base, backup["q"])
+        restore_(layer.base_layer, backup["q"])
 
 
 def merge_into(model: nn.Module, into: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -598,7 +585,7 @@ def merge_into(model: nn.Module, into: str, dtype: torch.dtype = torch.float32) 
 
     >>> merge_into(model, "float")
     """
-    from .adapter.model import _require_state, adapted_modules, merge_and_unload
+    from .adapter.model import _require_state, _set_module, adapted_modules, merge_and_unload
 
     if into not in MERGE_MODES:
         raise ValueError(f"into must be one of {MERGE_MODES} for a quantized base, got {into!r}")
@@ -641,7 +628,7 @@ def residual_deltas(model: nn.Module, reference: nn.Module | Mapping[str, torch.
 
     >>> deltas = residual_deltas(q_model, float_model, plan.modules, plan.rows)
     """
-    from .targets import linear_shape, row_weight
+    from .targets import is_conv1d, linear_shape, row_weight
 
     modules = dict(model.named_modules())
     if isinstance(reference, nn.Module):
@@ -667,16 +654,14 @@ def residual_deltas(model: nn.Module, reference: nn.Module | Mapping[str, torch.
             if key not in reference:
                 raise ValueError(f"init='residual': the reference state_dict lacks {key!r}")
             w_ref = reference[key]
-            from .targets import is_conv1d
             if is_conv1d(base):
                 w_ref = w_ref.t()
         if tuple(w_ref.shape) != tuple(shape):
             raise ValueError(f"init='residual': {name} is {tuple(shape)} in the model but "
                              f"{tuple(w_ref.shape)} in the reference (another architecture?)")
-        idx = torch.as_tensor(rows[name]).long()
         w_q = row_weight(base)
-        out[name] = (w_ref.detach().float().to(w_q.device)[idx.to(w_q.device)]
-                     - w_q.detach().float()[idx.to(w_q.device)])
+        idx = torch.as_tensor(rows[name]).long().to(w_q.device)
+        out[name] = w_ref.detach().float().to(w_q.device)[idx] - w_q.detach().float()[idx]
     return out
 
 

@@ -31,10 +31,10 @@ depend on the weights; ``--random-weights`` forces that):
 
 Methods (equal trainable parameters): ``floor`` (frozen; forward + backward to the input
 embeddings), ``rows_delta`` (``inject(mode="delta")``: RowSparseLinear), ``rows_fused``
-(fused rows, activation sharing undone), ``rows_fused_shared`` (the default ``inject``: fused
-rows + activation sharing), ``lora`` (PEFT), ``full``; with ``--quant`` a second group:
-``nf4_floor``, ``nf4_rows`` (rows over bitsandbytes NF4, delta path), ``qlora`` (PEFT LoRA over
-the same NF4 base); its ratios are taken against ``nf4_floor`` and ``qlora``.
+(``inject(sharing=False)``: fused rows saving their inputs), ``rows_fused_shared`` (the default
+``inject``: fused rows + activation sharing), ``lora`` (PEFT), ``full``; with ``--quant`` a
+second group: ``nf4_floor``, ``nf4_rows`` (rows over bitsandbytes NF4, delta path), ``qlora``
+(PEFT LoRA over the same NF4 base); its ratios are taken against ``nf4_floor`` and ``qlora``.
 Weights are bf16 on CUDA (``--weights-dtype``), row deltas fp32 masters (inject's default),
 PEFT LoRA weights fp32 (PEFT's default autocast), full fine-tuning pure bf16 AdamW.
 
@@ -54,6 +54,7 @@ Results: a table per model, and JSON (``--json``, default ``$OUT/gpu_check.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -62,7 +63,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -76,7 +77,6 @@ from rowsft_nb import testing  # noqa: E402
 from rowsft_nb._io import write_json  # noqa: E402
 from rowsft_nb.adapter import adapter_modes, inject  # noqa: E402
 from rowsft_nb.adapter.model import adapter_state  # noqa: E402
-from rowsft_nb.adapter.sharing import unshare_activations  # noqa: E402
 from rowsft_nb.bench import (apply_floor, apply_full, apply_lora, make_optimizer,  # noqa: E402
                              matched_plans, measure_memory, require_peft, summarize_times,
                              time_interleaved, training_step)
@@ -161,13 +161,8 @@ def prepare(model: nn.Module, method: str, plan, lora_rank: int, args: argparse.
         with warnings.catch_warnings():  # rows are selected on the float model, as the authors
             warnings.filterwarnings("ignore", message="the plan was selected on weights")
             return inject(model, plan)
-    if method in ("rows_fused", "rows_fused_shared"):
-        inject(model, plan)  # the default: fused where exact + activation sharing
-        if method == "rows_fused":  # fused rows, each layer saving its own input
-            state = adapter_state(model)
-            unshare_activations(model, state.shared)
-            state.shared = []
-        return model
+    if method in ("rows_fused", "rows_fused_shared"):  # rows_fused: each layer saves its input
+        return inject(model, plan, sharing=method == "rows_fused_shared")
     if method in ("lora", "qlora"):
         return apply_lora(model, plan, lora_rank)
     if method == "full":
@@ -221,20 +216,16 @@ class Phases:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def __call__(self, name: str):
-        phases = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                print(f"[{phases.elapsed():6.1f} s] {name} ...", flush=True)
-
-            def __exit__(self, *exc):
-                s = time.perf_counter() - self.t
-                phases.log.append({"phase": name, "seconds": round(s, 3)})
-                print(f"[{phases.elapsed():6.1f} s] {name}: {s:.1f} s", flush=True)
-
-        return _Phase()
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        print(f"[{self.elapsed():6.1f} s] {name} ...", flush=True)
+        try:
+            yield
+        finally:  # recorded even when the phase fails
+            s = time.perf_counter() - t
+            self.log.append({"phase": name, "seconds": round(s, 3)})
+            print(f"[{self.elapsed():6.1f} s] {name}: {s:.1f} s", flush=True)
 
 
 # ------------------------------------------------------------------------------ steps

@@ -786,3 +786,16 @@ def test_budget_explorer_offers_rows_per_head_and_whole_neurons():
     with pytest.raises(ValueError, match="no attention heads"):
         no_heads.set_per_head(True)
     assert no_heads.settings.per_head is False
+
+
+def test_format_logs_prints_numbers_unquoted():
+    from rowsft_nb.progress import format_logs
+
+    assert format_logs(10, {"loss": 0.68191, "grad_norm": 0.53124, "learning_rate": 1e-4,
+                            "epoch": 1}) == \
+        "step 10: loss 0.6819, grad_norm 0.5312, learning_rate 0.0001, epoch 1"
+    end = {"train_runtime": 39.6912, "train_samples_per_second": 3.2,
+           "train_steps_per_second": 0.1, "total_flos": 1234.0, "train_loss": 0.65432,
+           "epoch": 2.0}
+    assert format_logs(4, end) == "training done: 4 steps in 39.69 s, loss 0.6543, epoch 2"
+    assert format_logs(4, {"train_runtime": 1.0}) == "training done: 4 steps in 1 s"

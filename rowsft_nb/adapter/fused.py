@@ -39,8 +39,7 @@ from torch.nn import functional as F
 from ..targets import Conv1D, embeddings, row_weight
 from .layer import RowSparseLinear, _compute_dtype
 
-__all__ = ["FusedRowLinear", "fused_rows", "fuse_blocker", "choose_modes", "MODES",
-           "restore_base_weights",
+__all__ = ["FusedRowLinear", "fuse_blocker", "choose_modes", "MODES", "restore_base_weights",
            "RECOMPUTE_ATTR"]
 
 #: inject(mode=...): "auto" = fused wherever exact, delta elsewhere; "fused" = fused
@@ -104,18 +103,14 @@ class _FusedRows(torch.autograd.Function):
         return (grad_x, None, None, grad_delta, None, None, None) + (None,) * n_sources
 
 
-def fused_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               delta: torch.Tensor, rows: torch.Tensor, conv1d: bool = False) -> torch.Tensor:
-    """``linear(x, weight, bias)`` whose backward also gives ``delta`` the gradient
-    ``g[..., rows]^T x``; ``weight[rows]`` must already hold ``W0[rows] + delta``.
-
-    >>> y = fused_rows(x, layer.weight, None, delta, rows)
-    """
-    return _FusedRows.apply(x, weight, bias, delta, rows, conv1d, None)
-
-
 def _is_plain(t: torch.Tensor) -> bool:
     return type(t.data) is torch.Tensor and not t._is_view() and t.device.type != "meta"
+
+
+def _fsdp_managed(module: nn.Module) -> bool:
+    """FSDP (1 and 2) sets this flag on the instance; read from ``vars`` because a missing
+    attribute through ``nn.Module.__getattr__`` raises and catches (~3 us, every forward)."""
+    return bool(vars(module).get("_is_fsdp_managed_module", False))
 
 
 def fuse_blocker(model: nn.Module, name: str, module: nn.Module, *, columns: bool,
@@ -134,7 +129,7 @@ def fuse_blocker(model: nn.Module, name: str, module: nn.Module, *, columns: boo
         return f"weight dtype {w.dtype} is not a full-precision float"
     if not _is_plain(w):
         return "weight is a view, a DTensor/tensor subclass or on meta (sharded/offloaded)"
-    if getattr(module, "_is_fsdp_managed_module", False):
+    if _fsdp_managed(module):
         return "managed by FSDP (sharded weights)"
     if "forward" in vars(module) or hasattr(module, "_hf_hook"):
         return "the base layer's forward is replaced (accelerate offload hook?)"
@@ -268,7 +263,7 @@ class FusedRowLinear(RowSparseLinear):
     def fuse_blocked_now(self) -> str | None:
         """Why this call must take the delta path (checked every forward), or ``None``."""
         base, w = self.base_layer, self.base_layer.weight
-        if getattr(base, "_is_fsdp_managed_module", False):
+        if _fsdp_managed(base):
             return "managed by FSDP (sharded weights)"
         if w.requires_grad:
             return "base weight requires grad"
@@ -284,7 +279,7 @@ class FusedRowLinear(RowSparseLinear):
             return self.base_layer(x, *args, **kwargs)
         blocked = self.fuse_blocked_now()
         if args or kwargs or blocked is not None:
-            if self._fused and blocked and "FSDP" in blocked:
+            if self._fused and _fsdp_managed(self.base_layer):
                 raise RuntimeError(
                     "a fused row layer ran before the model was sharded with FSDP, so the "
                     "shards hold W0[rows] + dW as base weights. Call rowsft_nb.adapter.fused."

@@ -402,14 +402,20 @@ class RowSparseLinear(nn.Module):
         with torch.no_grad():
             if "columns" in backup:
                 w.index_copy_(1, self.columns, backup["columns"])
-            if self._created_bias:
-                base.bias = None
-                self._created_bias = False
-            elif "bias" in backup:
-                base.bias.index_copy_(0, self.rows, backup["bias"])
+            self._restore_bias(backup)
             if "rows" in backup:
                 w.index_copy_(0, self.rows, backup["rows"])
         self._merge_backup = None
+
+    @torch.no_grad()
+    def _restore_bias(self, backup: dict[str, torch.Tensor]) -> None:
+        """Undo a merge's bias change: drop a bias it created, else put back the saved rows
+        (shared by the float and the 4-bit merge)."""
+        if self._created_bias:
+            self.base_layer.bias = None
+            self._created_bias = False
+        elif "bias" in backup:
+            self.base_layer.bias.index_copy_(0, self.rows, backup["bias"])
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..adapter.model import _set_module
 from ..plan import RowPlan
 from ..targets import is_conv1d, linear_shape
 
@@ -73,11 +74,6 @@ class OneHotRowLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + (x @ self.delta.t()) @ self.onehot
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def freeze(model: nn.Module) -> None:

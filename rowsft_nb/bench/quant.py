@@ -110,8 +110,8 @@ def lora_nuclear_ratio(peft_model: nn.Module, float_model: nn.Module,
     for name, layer in layers.items():
         R = (weights[name] - Q.dequantize_weight(layer.base_layer).cpu()).double()
         D = layer.get_delta_weight("default").detach().double().cpu()
-        num += float(torch.linalg.svdvals(R - D).sum())
-        den += float(torch.linalg.svdvals(R).sum())
+        num += Q._nuclear(R - D)
+        den += Q._nuclear(R)
     return 1.0 - num / den if den > 0 else 0.0
 
 

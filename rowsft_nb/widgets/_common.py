@@ -8,6 +8,7 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from ..targets import layer_index, module_type
@@ -92,9 +93,7 @@ def explorer_box(children: list):
     return W.VBox([hint, *children]).add_class("rowsft-explorer")
 
 
-_SHARED_ESM: str | None = None
-
-
+@functools.cache
 def _shared_plotly_esm() -> str:
     """plotly's widget module wrapped so a page evaluates plotly.js once for all figures.
 
@@ -106,44 +105,42 @@ def _shared_plotly_esm() -> str:
     ``globalThis`` keyed by its hash), and holds up ``initialize`` for it at most 1.5 s
     (``render`` waits for the rest). plotly's default export is a factory with per-figure
     state, so it is called once per figure."""
-    global _SHARED_ESM
-    if _SHARED_ESM is None:
-        import hashlib
-        import json
-        import pathlib
+    import hashlib
+    import json
+    import pathlib
 
-        import plotly
+    import plotly
 
-        path = pathlib.Path(plotly.__file__).parent / "package_data" / "widgetbundle.js"
-        src = path.read_text(encoding="utf-8")
-        key = "__rowsft_plotly_" + hashlib.sha256(src.encode()).hexdigest()[:16]
-        _SHARED_ESM = (
-            f"const KEY = {json.dumps(key)};\n"
-            f"const SRC = {json.dumps(src)};\n"
-            "export default function () {\n"
-            "  globalThis[KEY] ??= import(URL.createObjectURL(\n"
-            "    new Blob([SRC], { type: 'text/javascript' })));\n"
-            "  const plotly = globalThis[KEY].then(async (mod) =>\n"
-            "    typeof mod.default === 'function' ? await mod.default() : mod.default);\n"
-            "  let initialized = null;\n"
-            "  return {\n"
-            "    initialize(ctx) {\n"
-            "      initialized = plotly.then((w) => w.initialize(ctx));\n"
-            "      // wait for plotly (edits sent meanwhile need its model), but not past\n"
-            "      // anywidget's 2 s limit: a late figure still draws, a failed one never does\n"
-            "      return Promise.race([initialized,\n"
-            "                           new Promise((ok) => setTimeout(ok, 1500))]);\n"
-            "    },\n"
-            "    async render(ctx) {\n"
-            "      const w = await plotly;\n"
-            "      await initialized;\n"
-            "      return w.render(ctx);\n"
-            "    },\n"
-            "  };\n"
-            "}\n")
-    return _SHARED_ESM
+    path = pathlib.Path(plotly.__file__).parent / "package_data" / "widgetbundle.js"
+    src = path.read_text(encoding="utf-8")
+    key = "__rowsft_plotly_" + hashlib.sha256(src.encode()).hexdigest()[:16]
+    return (
+        f"const KEY = {json.dumps(key)};\n"
+        f"const SRC = {json.dumps(src)};\n"
+        "export default function () {\n"
+        "  globalThis[KEY] ??= import(URL.createObjectURL(\n"
+        "    new Blob([SRC], { type: 'text/javascript' })));\n"
+        "  const plotly = globalThis[KEY].then(async (mod) =>\n"
+        "    typeof mod.default === 'function' ? await mod.default() : mod.default);\n"
+        "  let initialized = null;\n"
+        "  return {\n"
+        "    initialize(ctx) {\n"
+        "      initialized = plotly.then((w) => w.initialize(ctx));\n"
+        "      // wait for plotly (edits sent meanwhile need its model), but not past\n"
+        "      // anywidget's 2 s limit: a late figure still draws, a failed one never does\n"
+        "      return Promise.race([initialized,\n"
+        "                           new Promise((ok) => setTimeout(ok, 1500))]);\n"
+        "    },\n"
+        "    async render(ctx) {\n"
+        "      const w = await plotly;\n"
+        "      await initialized;\n"
+        "      return w.render(ctx);\n"
+        "    },\n"
+        "  };\n"
+        "}\n")
 
 
+@functools.cache
 def _figure_widget_class() -> type:
     import copy
 
@@ -169,15 +166,9 @@ def _figure_widget_class() -> type:
     return FigureWidget
 
 
-_FigureWidget: type | None = None
-
-
 def figure_widget(*args, **kwargs):
     """A plotly ``FigureWidget`` that redraws after a browser refresh (see
     :func:`_figure_widget_class`); same arguments as ``go.FigureWidget``.
 
     Usage: ``fig = figure_widget(data=[go.Scatter(y=[1, 2])], layout=dict(height=300))``."""
-    global _FigureWidget
-    if _FigureWidget is None:
-        _FigureWidget = _figure_widget_class()
-    return _FigureWidget(*args, **kwargs)
+    return _figure_widget_class()(*args, **kwargs)

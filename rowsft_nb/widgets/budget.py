@@ -237,24 +237,29 @@ class BudgetState:
 
     def set_head_aligned(self, on: bool) -> None:
         """Select whole attention heads (report.head_dims) instead of single rows."""
-        if on and not self.report.head_dims:
-            raise ValueError("This report has no attention heads (report.head_dims is empty), so "
-                             "rows cannot be head-aligned; leave 'whole heads' off")
-        was_per_head = bool(on) and self.settings.per_head
-        self._apply(head_aligned=bool(on), per_head=False if on else self.settings.per_head)
-        if was_per_head:
-            self.notice = "'rows per head' turned off: 'whole heads' selects heads entire"
+        self._set_head_option("head_aligned", on,
+                              "rows cannot be head-aligned; leave 'whole heads' off",
+                              "'rows per head' turned off: 'whole heads' selects heads entire")
 
     def set_per_head(self, on: bool) -> None:
         """An equal number of rows in every attention head (the authors' per-head allocation).
         Turning it on turns 'whole heads' off (the two are alternatives) and says so."""
+        self._set_head_option("per_head", on,
+                              "rows cannot be spread over heads; leave 'rows per head' off",
+                              "'whole heads' turned off: 'rows per head' gives every head the "
+                              "same rows")
+
+    def _set_head_option(self, name: str, on: bool, refusal: str, notice: str) -> None:
+        """Set ``head_aligned`` or ``per_head``; turning one on turns the other off (notice)."""
+        other = "per_head" if name == "head_aligned" else "head_aligned"
+        on = bool(on)
         if on and not self.report.head_dims:
-            raise ValueError("This report has no attention heads (report.head_dims is empty), so "
-                             "rows cannot be spread over heads; leave 'rows per head' off")
-        was_aligned = bool(on) and self.settings.head_aligned
-        self._apply(per_head=bool(on), head_aligned=False if on else self.settings.head_aligned)
-        if was_aligned:
-            self.notice = "'whole heads' turned off: 'rows per head' gives every head the same rows"
+            raise ValueError("This report has no attention heads (report.head_dims is empty), "
+                             f"so {refusal}")
+        other_was_on = getattr(self.settings, other)
+        self._apply(**{name: on, other: other_was_on and not on})
+        if on and other_was_on:
+            self.notice = notice
 
     def set_couple(self, on: bool) -> None:
         """Whole-neuron mode (``select(couple="neurons")``): each selected MLP neuron trains its

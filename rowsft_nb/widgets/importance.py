@@ -58,6 +58,7 @@ class ProfileData:
     raw: np.ndarray | None = None       # [d_out] un-normalized scores (hover)
     title: str = ""                     # two short lines: module, then selection summary
     marks_label: str = "selected rows"  # legend of the marks: which plan / metric they come from
+    hovertemplate: str = ""             # says what is plotted and shows the raw score
 
 
 @dataclass
@@ -101,15 +102,12 @@ class ImportanceState:
         self.reports = reports
         self.max_columns = int(max_columns)
         # Open on the metric the plan was selected by, so its marks sit on the plotted peaks.
-        plan_metric = (plan.meta or {}).get("metric") if plan is not None else None
+        plan_metric = _plan_metric(plan)
         if metric is None:
             metric = plan_metric if plan_metric in reports else next(iter(reports))
         if metric not in reports:
             raise ValueError(f"Unknown metric {metric!r}; available: {list(reports)}")
         self.metric = metric
-        self.normalization = "none"
-        self.log_scale = False
-        self.order = "index"
         self.set_normalization(normalization)
         self.set_log_scale(log_scale)
         self.set_order(order)
@@ -182,9 +180,7 @@ class ImportanceState:
     @property
     def plan_metric(self) -> str | None:
         """The metric the plan's rows were selected by (``plan.meta['metric']``), if known."""
-        if self.plan is None:
-            return None
-        return (self.plan.meta or {}).get("metric")
+        return _plan_metric(self.plan)
 
     def marks_label(self) -> str:
         """Legend of the profile's marks: which metric's plan they come from (and a warning
@@ -317,8 +313,13 @@ class ImportanceState:
         else:   # two short lines, so the title fits the narrow profile plot
             title = (f"{name}<br><sup>{selected.numel()} of {s.numel()} rows selected · "
                      f"{100 * covered:.1f}% of its importance</sup>")
+        label = self.value_label()
+        hover = (f"neuron %{{x}}<br>{label} %{{y:.4g}}" +
+                 ("" if label == "score" else f"<br>{self.metric} score %{{customdata:.4g}}") +
+                 "<extra></extra>")
         return ProfileData(module=name, scores=s.numpy().copy(), selected=selected.numpy(),
-                           covered=covered, raw=raw, title=title, marks_label=self.marks_label())
+                           covered=covered, raw=raw, title=title, marks_label=self.marks_label(),
+                           hovertemplate=hover)
 
     def concentration(self) -> ConcentrationData:
         """Per layer (visible types pooled): share of score mass in the top x of neurons."""
@@ -337,6 +338,10 @@ class ImportanceState:
                     "to compare layers.")
         return ConcentrationData(fraction=frac, curves=curves, gini=ginis, labels=labels,
                                  note=note)
+
+
+def _plan_metric(plan: RowPlan | None) -> str | None:
+    return (plan.meta or {}).get("metric") if plan is not None else None
 
 
 def bin_means(scores: torch.Tensor, n_bins: int, sort: bool = False
@@ -519,20 +524,16 @@ class ImportanceExplorer:
         if self.state.log_scale:
             y = np.where(y > 0, np.log10(np.where(y > 0, y, 1.0)), np.nan)
         label = self.state.value_label()
-        metric = self.state.metric
-        hover = (f"neuron %{{x}}<br>{label} %{{y:.4g}}" +
-                 ("" if label == "score" else f"<br>{metric} score %{{customdata:.4g}}") +
-                 "<extra></extra>")
         with self.prof.batch_update():
             self.prof.data[0].x = np.arange(y.size)
             self.prof.data[0].y = y
             self.prof.data[0].customdata = prof.raw
-            self.prof.data[0].hovertemplate = hover
+            self.prof.data[0].hovertemplate = prof.hovertemplate
             self.prof.data[0].name = label
             self.prof.data[1].x = prof.selected
             self.prof.data[1].y = y[prof.selected]
             self.prof.data[1].customdata = prof.raw[prof.selected]
-            self.prof.data[1].hovertemplate = hover
+            self.prof.data[1].hovertemplate = prof.hovertemplate
             self.prof.data[1].name = prof.marks_label
             self.prof.layout.title = prof.title
             self.prof.layout.yaxis.title = label

@@ -54,6 +54,12 @@ class ChartData:
     eval_phases: list[str] = field(default_factory=list)    # "before" / "during" / "after"
     eval_range: tuple[float, float] | None = None           # fixed [0, 1] for accuracy
 
+    def phase_points(self, phase: str) -> tuple[list[int], list[float]]:
+        """Steps and values of the evaluations of one phase (``before``/``during``/``after``)."""
+        points = [(s, v) for s, v, p in zip(self.eval_steps, self.eval_values, self.eval_phases)
+                  if p == phase]
+        return [s for s, _ in points], [v for _, v in points]
+
 
 def _same_rows(a: RowPlan, b: RowPlan) -> bool:
     if a.rows.keys() != b.rows.keys() or a.columns.keys() != b.columns.keys():
@@ -86,6 +92,7 @@ class LaunchState:
                  train_kwargs: dict[str, Any] | None = None) -> None:
         from ..train import list_devices
 
+        self.status = IDLE    # first: every setter below checks it
         self.model = model
         self._plan: RowPlan | None = None
         self._plan_source = None
@@ -110,7 +117,6 @@ class LaunchState:
         # An unknown device is kept (and Launch refused) so a notebook written on a GPU box
         # still opens on a laptop and says why it cannot launch.
         self.device = device if device is not None else self.devices[0][0]
-        self.status = IDLE
         self.error: str | None = None
         self.total_steps: int | None = None
         self.step = 0
@@ -191,8 +197,7 @@ class LaunchState:
     def set_plan(self, plan) -> None:
         """The plan to train: a RowPlan, or a ``BudgetExplorer``/``BudgetState`` whose
         current ``.plan`` is read at every Launch (so moving its sliders is enough)."""
-        if getattr(self, "status", IDLE) in (RUNNING, STOPPING):
-            raise ValueError("Cannot change the plan while training runs; press Stop first")
+        self._require_idle("the plan")
         if plan is None or isinstance(plan, RowPlan):
             self._plan, self._plan_source = plan, None
         elif isinstance(getattr(plan, "plan", None), RowPlan):
@@ -213,7 +218,7 @@ class LaunchState:
     @property
     def running(self) -> bool:
         """True from launch() until the run has ended (finished, stopped or failed)."""
-        return getattr(self, "status", IDLE) in (RUNNING, STOPPING)
+        return self.status in (RUNNING, STOPPING)
 
     def launch_problem(self) -> str | None:
         """Why Launch is refused right now, or None when it may start."""
@@ -587,11 +592,8 @@ class TrainingLauncher:
             ev.x, ev.y, ev.name = c.eval_steps, c.eval_values, name
             ev.hovertemplate = f"{name} at step %{{x}}: %{{y:.4g}}<extra></extra>"
             for trace, phase in zip(self.curves.data[2:], ("before", "after")):
-                points = [(s, v) for s, v, p in zip(c.eval_steps, c.eval_values, c.eval_phases)
-                          if p == phase]
-                trace.x = [s for s, _ in points]
-                trace.y = [v for _, v in points]
-                trace.showlegend = bool(points)
+                xs, ys = c.phase_points(phase)
+                trace.x, trace.y, trace.showlegend = xs, ys, bool(xs)
                 trace.hovertemplate = (f"{name} {phase} training (step %{{x}}): "
                                        "%{y:.4g}<extra></extra>")
             ax = self.curves.layout.yaxis2
